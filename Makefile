@@ -1,0 +1,54 @@
+# qlora-kit. Thin on purpose: hyperparameters live in recipes/, stages in dvc.yaml.
+# `make help` lists the targets. Every target that needs Python creates .venv from the lock.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+RECIPE ?= tiny
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(BIN):$(PATH)
+# DVC and HF libraries: no telemetry, no update checks
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+STAGES := fetch preprocess train merge quantize evaluate
+
+.PHONY: help setup reproduce test lint bench clean $(STAGES)
+
+help: ## list targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+	@echo "  RECIPE=$(RECIPE) (recipes: $$(ls recipes/*.yaml | xargs -n1 basename | sed 's/.yaml//' | tr '\n' ' '))"
+
+$(STAMP): requirements.lock pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "qlora-kit needs Python 3.11, found " + sys.version' 
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip==25.3
+	# the CPU/laptop part of the lock; the CUDA-only block below its marker is for the image
+	sed '/^# --- cuda/,$$d' requirements.lock > $(VENV)/requirements.cpu.txt
+	$(BIN)/python -m pip install -q -r $(VENV)/requirements.cpu.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	$(BIN)/python -m qlora_kit.converter install
+	touch $@
+
+setup: $(STAMP) ## create .venv from requirements.lock (idempotent)
+
+reproduce: $(STAMP) ## run RECIPE end to end through DVC (default: tiny, offline, CPU)
+	$(BIN)/qlora-kit enable $(RECIPE)
+	$(BIN)/dvc repro evaluate@$(RECIPE)
+	@echo "report: reports/$(RECIPE)/report.md"
+
+$(STAGES): $(STAMP) ## (each stage) run one stage of RECIPE and what it needs: make train RECIPE=komt
+	$(BIN)/qlora-kit enable $(RECIPE)
+	$(BIN)/dvc repro $@@$(RECIPE)
+
+test: $(STAMP) ## the CI suite: every recipe on a tiny model, on the CPU
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP) ## performance benchmarks (not part of make test); results in bench/README.md
+	$(BIN)/python bench/run_all.py
+
+clean: ## remove outputs of every recipe (data/*/, models/, reports/); keeps .venv and the DVC cache
+	rm -rf data/*/ models reports
+
+-include docker/docker.mk

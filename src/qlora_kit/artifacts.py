@@ -1,0 +1,135 @@
+"""Stage outputs: atomic writes, content hashes and the manifest every stage leaves behind.
+
+A stage builds its output in a temporary sibling (`<name>.partial-<pid>`) and renames it into
+place only when complete, so an interrupted stage never leaves something that looks finished.
+`manifest.json` records the resolved config sections the stage read, input hashes, package
+versions and timings. It never records environment variables (tokens live there).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+from .config import Recipe
+
+PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "trl", "accelerate", "datasets",
+            "huggingface-hub", "sentencepiece", "tokenizers", "safetensors", "llama-cpp-python", "dvc")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def git_blob_id(path: Path, chunk: int = 1 << 20) -> str:
+    """`git hash-object` of a file: sha1 over `blob <size>\\0<bytes>`."""
+    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def hash_tree(path: Path) -> dict[str, str]:
+    """sha256 of every file under a folder (or of the file itself), by relative path."""
+    path = Path(path)
+    if path.is_file():
+        return {path.name: sha256_file(path)}
+    return {str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name != "manifest.json"}
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _partial_name(final: Path) -> Path:
+    return final.with_name(f"{final.name}.partial-{os.getpid()}")
+
+
+def clear_stale_partials(final: Path) -> None:
+    for stale in final.parent.glob(f"{final.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `final`, on error it is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    clear_stale_partials(final)
+    tmp = _partial_name(final)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final) if final.is_dir() else final.unlink()
+    os.replace(tmp, final)
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _partial_name(path)
+    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+
+
+class StageRun:
+    """Collects what a stage's manifest records; `manifest()` returns the dict to write."""
+
+    def __init__(self, stage: str, recipe: Recipe, overrides: dict[str, Any] | None = None):
+        self.stage, self.recipe = stage, recipe
+        self.overrides = dict(overrides or {})
+        self.started = time.time()
+        self.timings: dict[str, float] = {}
+        self.inputs: dict[str, Any] = {}
+        self.facts: dict[str, Any] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self._t, 3)
+        self._t = now
+
+    def add_input(self, label: str, path: Path) -> None:
+        self.inputs[label] = hash_tree(Path(path))
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "recipe": self.recipe.name,
+            "config": self.recipe.sections_for(self.stage),
+            "overrides": self.overrides,
+            "inputs": self.inputs,
+            "facts": self.facts,
+            "packages": package_versions(),
+            "host": {"platform": platform.platform(), "machine": platform.machine(),
+                     "cpus": os.cpu_count(), "argv0": Path(sys.argv[0]).name},
+            "timings_s": {**self.timings, "total": round(time.time() - self.started, 3)},
+        }

@@ -1,0 +1,100 @@
+"""The `qlora-kit` command: one subcommand per stage, plus `render` and `judge`.
+
+    qlora-kit {fetch,preprocess,train,merge,quantize,evaluate} --recipe NAME [--set section.key=value ...]
+    qlora-kit render --recipe NAME [--input FILE] [--limit N] [--show-loss]
+
+Exit codes: 0 ok; 2 bad recipe or bad input (the message names file, line and key; nothing
+is written, because the recipe is validated before any stage starts); 1 anything else.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from .config import STAGE_SECTIONS, RecipeError, load_recipe, parse_overrides
+from .rows import DataError
+
+STAGES = tuple(STAGE_SECTIONS)
+STAGE_HELP = {
+    "fetch": "put the base model and the raw data in place (tiny: build them offline)",
+    "preprocess": "render, tokenize, mask labels, split; write the data report",
+    "train": "(Q)LoRA training; writes the adapter, the loss log and the manifest",
+    "merge": "merge the adapter into the base; a complete HF model folder",
+    "quantize": "GGUF export with llama.cpp's converter and quantizer",
+    "evaluate": "losses, generations, EOS rates, parity; reports/NAME/{metrics.json,report.md}",
+}
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", required=True, help="recipe name (recipes/NAME.yaml) or a path to a YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one recipe value for this run (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="qlora-kit", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    for stage in STAGES:
+        _recipe_args(sub.add_parser(stage, help=STAGE_HELP[stage], description=STAGE_HELP[stage]))
+    en = sub.add_parser("enable", help="validate a recipe and add it to params.yaml's recipe list (for dvc)")
+    en.add_argument("recipe")
+    en.set_defaults(func=_enable)
+    r = sub.add_parser("render", help="print prompt/completion/text of each row as JSON lines")
+    _recipe_args(r)
+    r.add_argument("--input", help="data file to render (default: the recipe's fetched raw data)")
+    r.add_argument("--limit", type=int, default=None)
+    r.add_argument("--show-loss", action="store_true", help="also tokenize and mark which tokens carry loss")
+    r.add_argument("--tokenizer", help="tokenizer folder for --show-loss (default models/NAME/base)")
+    try:
+        from . import judge
+        judge.add_cli(sub)
+    except ImportError:  # judge lands separately; the stages do not depend on it
+        pass
+    return ap
+
+
+def _enable(args: argparse.Namespace) -> int:
+    """Add a recipe to params.yaml so dvc.yaml's foreach covers it (after strict validation)."""
+    import yaml
+
+    from .layout import root
+
+    load_recipe(args.recipe)
+    params = root() / "params.yaml"
+    text = params.read_text(encoding="utf-8")
+    names = (yaml.safe_load(text) or {}).get("recipes") or []
+    if args.recipe not in names:
+        # append one list item under `recipes:` and keep the file's comments as they are
+        lines = text.splitlines()
+        at = max(i for i, line in enumerate(lines) if line.startswith("recipes:") or
+                 (line.startswith("- ") and any(line.startswith("recipes:") for line in lines[:i])))
+        lines.insert(at + 1, f"- {args.recipe}")
+        params.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        print(f"qlora-kit: added {args.recipe} to {params.name} (recipes: {names + [args.recipe]})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        if args.command in STAGES or args.command == "render":
+            overrides = parse_overrides(args.overrides)
+            recipe = load_recipe(args.recipe, overrides)  # validated before anything is written
+            if args.command == "render":
+                from .render import run as render_run
+                return render_run(recipe, args)
+            module = importlib.import_module(f"qlora_kit.{args.command}")
+            module.run(recipe, overrides)
+            return 0
+        return args.func(args)
+    except (RecipeError, DataError) as e:
+        print(f"qlora-kit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

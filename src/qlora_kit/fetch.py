@@ -1,0 +1,94 @@
+"""Fetch stage: put the base model in `models/NAME/base` and the raw data in `data/NAME/raw`.
+
+    qlora-kit fetch --recipe tiny          (dvc: fetch@tiny)
+
+- `model.source: tiny` builds the model and tokenizer from a seed (no network), trained on
+  the shipped sample text; `local` copies a folder; `hub` downloads a pinned revision.
+- `data.source: tiny-sample` copies the sample that ships in the package; `local` copies a
+  file; `url` and `hub` download and verify (see `download.py`).
+
+The raw manifest lists every data file with its sha256 (and git blob id), which preprocess reads.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .artifacts import StageRun, atomic_dir, git_blob_id, sha256_file, write_json
+from .config import Recipe
+from .rows import DataError
+
+SAMPLE = "tiny_alpaca.json"
+
+
+def sample_path() -> Path:
+    return Path(str(resources.files("qlora_kit") / "assets" / "tiny" / SAMPLE))
+
+
+def _verify(path: Path, sha256: str, git_blob: str, label: str) -> dict[str, str]:
+    got = {"sha256": sha256_file(path), "git_blob": git_blob_id(path)}
+    if sha256 and got["sha256"] != sha256:
+        raise DataError(f"{label}: sha256 mismatch: expected {sha256}, got {got['sha256']}")
+    if git_blob and got["git_blob"] != git_blob:
+        raise DataError(f"{label}: git blob mismatch: expected {git_blob}, got {got['git_blob']}")
+    return got
+
+
+def fetch_data(recipe: Recipe, dest: Path) -> list[dict[str, Any]]:
+    d = recipe.data
+    files: list[dict[str, Any]] = []
+    if d.source == "tiny-sample":
+        src, name = sample_path(), SAMPLE
+        shutil.copyfile(src, dest / name)
+    elif d.source == "local":
+        src = Path(d.path)
+        if not src.is_file():
+            raise DataError(f"data.path: {src}: no such file (set --set data.path=FILE)")
+        name = src.name
+        shutil.copyfile(src, dest / name)
+    else:
+        from .download import fetch_remote_data
+
+        return fetch_remote_data(recipe, dest)
+    files.append({"name": name, "format": d.format, "fields": d.fields,
+                  **_verify(dest / name, d.sha256, d.git_blob, str(src))})
+    return files
+
+
+def fetch_model(recipe: Recipe, dest: Path, rows_for_tokenizer: list[dict[str, str]]) -> dict[str, Any]:
+    m = recipe.model
+    if m.source == "tiny":
+        from .tiny_model import build, sample_texts
+
+        build(m.arch, dest, sample_texts(rows_for_tokenizer), m.tiny)
+        return {"source": "tiny", "arch": m.arch, "seed": m.tiny.seed}
+    if m.source == "local":
+        src = Path(m.name)
+        if not (src / "config.json").is_file():
+            raise DataError(f"model.name: {src}: not a model folder (no config.json)")
+        shutil.copytree(src, dest, dirs_exist_ok=True)
+        return {"source": "local", "path": str(src)}
+    from .download import fetch_hub_model
+
+    return fetch_hub_model(recipe, dest)
+
+
+def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    from . import layout
+
+    paths = layout.paths(recipe.name)
+    st = StageRun("fetch", recipe, overrides)
+    with atomic_dir(paths.raw) as raw_tmp, atomic_dir(paths.base) as base_tmp:
+        files = fetch_data(recipe, raw_tmp)
+        st.lap("data")
+        # the tiny tokenizer is trained on the shipped sample text, whatever data the recipe uses
+        sample_rows = json.loads(sample_path().read_text(encoding="utf-8"))
+        model_facts = fetch_model(recipe, base_tmp, sample_rows)
+        st.lap("model")
+        st.facts.update(files=files, model=model_facts)
+        write_json(raw_tmp / "manifest.json", st.manifest())
+        write_json(base_tmp / "fetch_manifest.json", st.manifest())
+    return st.facts

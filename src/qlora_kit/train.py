@@ -1,0 +1,262 @@
+"""Train stage: (Q)LoRA on the processed set with transformers' Trainer + peft + bitsandbytes.
+
+    qlora-kit train --recipe tiny          (dvc: train@tiny)
+
+Reads `data/NAME/processed` and `models/NAME/base`; writes `models/NAME/adapter` (PEFT adapter +
+manifest) and `reports/NAME/train_log.csv` (one row per logged step: loss, lr, grad norm,
+tokens/s; a DVC plot). Checkpoints go to `models/NAME/checkpoints/<run key>/` (kept by DVC via
+`persist`), keyed by a hash of everything that shapes the run, so a rerun after an interruption
+resumes and a changed config never resumes someone else's optimizer state.
+
+Before step 0 the stage logs and records the numbers it derived: effective batch, steps per
+epoch, total steps, warmup steps, trainable parameters, tokens per step.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Recipe
+
+_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+def resolve_device(want: str) -> str:
+    import torch
+
+    if want == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is cuda but no CUDA device is visible")
+    return want
+
+
+def quantization_config(recipe: Recipe):
+    """The BitsAndBytesConfig the recipe asks for (None for 16-bit LoRA)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    q = recipe.quant
+    if q.bits == 16:
+        return None
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
+                              bnb_4bit_use_double_quant=q.double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype))
+
+
+def load_base(recipe: Recipe, path: Path, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    qc = quantization_config(recipe)
+    kwargs: dict[str, Any] = dict(trust_remote_code=recipe.model.trust_remote_code,
+                                  use_safetensors=not recipe.model.allow_pickle or None)
+    if qc is not None:
+        kwargs.update(quantization_config=qc, device_map={"": device if device == "cpu" else 0},
+                      dtype=getattr(torch, recipe.quant.compute_dtype))
+    else:
+        kwargs.update(dtype=getattr(torch, recipe.model.dtype))
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if qc is None:
+        model.to(device)
+    model.config.use_cache = False
+    return model
+
+
+def effective_precision(want: str, device: str) -> tuple[str, str | None]:
+    """fp16 AMP needs CUDA; on the CPU the kit trains in fp32 and says so."""
+    if device == "cpu" and want == "fp16":
+        return "fp32", "fp16 AMP needs CUDA: trained in fp32 on the CPU"
+    return want, None
+
+
+def effective_optimizer(want: str, device: str) -> tuple[str, str | None]:
+    if device == "cpu" and want in ("paged_adamw_8bit", "adamw_8bit"):
+        return "adamw_torch", f"{want} needs CUDA: used adamw_torch on the CPU"
+    return want, None
+
+
+def run_key(recipe: Recipe, data_hash: str, world: int) -> str:
+    blob = json.dumps({"quant": recipe.quant.model_dump(mode="json"), "lora": recipe.lora.model_dump(mode="json"),
+                       "train": recipe.train.model_dump(mode="json"), "data": data_hash, "world": world},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def derived_numbers(n_train: int, recipe: Recipe, world: int, mean_tokens: float) -> dict[str, Any]:
+    """What the Trainer will do, computed up front (transformers 5 Trainer semantics)."""
+    t = recipe.train
+    micro_batches = math.ceil(n_train / (t.per_device_batch * world))
+    steps_per_epoch = max(micro_batches // t.grad_accum, 1)  # drops a trailing partial accumulation
+    total = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
+    if t.warmup_steps > 0:
+        warmup = t.warmup_steps
+    else:
+        warmup = math.ceil(total * t.warmup_ratio)
+    eff = t.per_device_batch * t.grad_accum * world
+    return {"train_rows": n_train, "world_size": world, "effective_batch": eff,
+            "steps_per_epoch": steps_per_epoch, "total_steps": total, "warmup_steps": warmup,
+            "epochs_effective": round(total / steps_per_epoch, 4),
+            "tokens_per_step_mean": round(eff * mean_tokens, 1)}
+
+
+class Collator:
+    """Right-pads a batch: ids with pad, labels with -100, attention 1 on real tokens."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, feats: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        n = max(len(f["input_ids"]) for f in feats)
+        ids = torch.full((len(feats), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(feats), n), -100, dtype=torch.long)
+        att = torch.zeros((len(feats), n), dtype=torch.long)
+        for i, f in enumerate(feats):
+            k = len(f["input_ids"])
+            ids[i, :k] = torch.tensor(f["input_ids"])
+            labels[i, :k] = torch.tensor(f["labels"])
+            att[i, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": att}
+
+
+def _csv_logger(path: Path):
+    from transformers import TrainerCallback
+
+    class CsvLog(TrainerCallback):
+        fields = ["step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "elapsed_s"]
+
+        def __init__(self):
+            self.t0 = time.perf_counter()
+            self.last_t, self.last_tokens = self.t0, 0
+            path.parent.mkdir(parents=True, exist_ok=True)
+            exists = path.exists() and path.stat().st_size > 0
+            self.f = open(path, "a" if exists else "w", newline="")
+            self.w = csv.DictWriter(self.f, fieldnames=self.fields)
+            if not exists:
+                self.w.writeheader()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            if not any(k in logs for k in ("loss", "eval_loss")):
+                return
+            now = time.perf_counter()
+            seen = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+            tps = (seen - self.last_tokens) / max(now - self.last_t, 1e-9) if "loss" in logs else ""
+            if "loss" in logs:
+                self.last_t, self.last_tokens = now, seen
+            self.w.writerow({"step": state.global_step, "epoch": round(state.epoch or 0, 4),
+                             "loss": logs.get("loss", ""), "eval_loss": logs.get("eval_loss", ""),
+                             "learning_rate": logs.get("learning_rate", ""), "grad_norm": logs.get("grad_norm", ""),
+                             "tokens_per_s": round(tps, 1) if tps != "" else "", "elapsed_s": round(now - self.t0, 2)})
+            self.f.flush()
+
+        def on_train_end(self, *a, **kw):
+            self.f.close()
+
+    return CsvLog()
+
+
+def lora_config(recipe: Recipe):
+    from peft import LoraConfig
+
+    lo = recipe.lora
+    targets = lo.target_modules if lo.target_modules == "all-linear" else list(lo.target_modules)
+    return LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, bias=lo.bias,
+                      target_modules=targets, task_type="CAUSAL_LM")
+
+
+def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from . import layout
+    from .artifacts import StageRun, atomic_dir, hash_tree, write_json
+    from .preprocess import read_split
+    from .tokenizer import load_tokenizer
+
+    paths = layout.paths(recipe.name)
+    st = StageRun("train", recipe, overrides)
+    t = recipe.train
+    device = resolve_device(t.device)
+    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    rank = int(__import__("os").environ.get("RANK", "0"))
+    precision, prec_note = effective_precision(t.precision, device)
+    optim, optim_note = effective_optimizer(t.optimizer, device)
+    st.facts["fallbacks"] = [n for n in (prec_note, optim_note) if n]
+
+    set_seed(t.seed)
+    tok = load_tokenizer(paths.base, recipe.template, trust_remote_code=recipe.model.trust_remote_code)
+    train_rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_split(paths.processed, "train")]
+    val_rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_split(paths.processed, "val")]
+    data_hash = hashlib.sha256(json.dumps(hash_tree(paths.processed), sort_keys=True).encode()).hexdigest()
+    st.add_input("processed", paths.processed)
+    st.add_input("base", paths.base)
+
+    model = load_base(recipe, paths.base, device)
+    if recipe.quant.bits in (4, 8):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
+    elif t.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    model = get_peft_model(model, lora_config(recipe))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total_params = sum(p.numel() for p in model.parameters())
+    mean_tokens = sum(len(r["input_ids"]) for r in train_rows) / max(len(train_rows), 1)
+    derived = derived_numbers(len(train_rows), recipe, world, mean_tokens)
+    derived.update(trainable_params=trainable, total_params=total_params,
+                   trainable_pct=round(100 * trainable / total_params, 4), device=device,
+                   precision=precision, optimizer=optim)
+    st.facts["derived"] = derived
+    if rank == 0:
+        print("train: derived before step 0: " + json.dumps(derived), flush=True)
+        for note in st.facts["fallbacks"]:
+            print(f"train: fallback: {note}", flush=True)
+
+    key = run_key(recipe, data_hash, world)
+    ckpt_dir = paths.checkpoints / key
+    paths.checkpoints.mkdir(parents=True, exist_ok=True)  # a DVC out (persist) even with no checkpoints
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    log_csv = paths.reports / "train_log.csv"
+    if last is None and rank == 0 and log_csv.exists():
+        log_csv.unlink()  # a fresh run starts a fresh curve; a resumed one appends
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir), per_device_train_batch_size=t.per_device_batch,
+        per_device_eval_batch_size=t.per_device_batch, gradient_accumulation_steps=t.grad_accum,
+        num_train_epochs=t.epochs, max_steps=t.max_steps, learning_rate=t.learning_rate,
+        lr_scheduler_type=t.scheduler, warmup_steps=derived["warmup_steps"], weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm, optim=optim, fp16=precision == "fp16", bf16=precision == "bf16",
+        seed=t.seed, data_seed=t.seed, logging_steps=t.logging_steps, logging_first_step=True,
+        eval_strategy="steps" if (t.eval_steps > 0 and val_rows) else "no",
+        eval_steps=t.eval_steps if t.eval_steps > 0 else None,
+        save_strategy="steps" if t.save_steps > 0 else "no", save_steps=t.save_steps or 500,
+        report_to="none", use_cpu=device == "cpu", dataloader_num_workers=0, remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        ddp_find_unused_parameters=False if world > 1 else None, disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train_rows, eval_dataset=val_rows or None,
+                      data_collator=Collator(tok.pad_id), callbacks=[_csv_logger(log_csv)] if rank == 0 else [])
+    st.lap("load")
+    result = trainer.train(resume_from_checkpoint=last)
+    st.lap("train")
+    st.facts.update(resumed_from=Path(last).name if last else None, run_key=key,
+                    final={"global_step": trainer.state.global_step, "train_loss": result.training_loss,
+                           "max_steps_actual": trainer.state.max_steps})
+    if rank == 0:
+        with atomic_dir(paths.adapter) as tmp:
+            model.save_pretrained(str(tmp))
+            write_json(tmp / "manifest.json", st.manifest())
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return st.facts
