@@ -42,12 +42,20 @@ def git_blob_id(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+HASH_LIMIT = 256 << 20  # larger files (weight shards) are named by size: DVC hashes them already
+
+
+def _file_id(p: Path) -> str:
+    size = p.stat().st_size
+    return sha256_file(p) if size <= HASH_LIMIT else f"size:{size}"
+
+
 def hash_tree(path: Path) -> dict[str, str]:
     """sha256 of every file under a folder (or of the file itself), by relative path."""
     path = Path(path)
     if path.is_file():
-        return {path.name: sha256_file(path)}
-    return {str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*"))
+        return {path.name: _file_id(path)}
+    return {str(p.relative_to(path)): _file_id(p) for p in sorted(path.rglob("*"))
             if p.is_file() and p.name != "manifest.json"}
 
 

@@ -94,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, DataError) as e:
         print(f"qlora-kit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # the kit's own stage errors carry a complete message: no traceback
+        if not type(e).__module__.startswith("qlora_kit."):
+            raise
+        print(f"qlora-kit {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

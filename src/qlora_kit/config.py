@@ -89,7 +89,7 @@ class Data(_Section):
     # Map from the kit's field names to the file's field names (e.g. {input: context}).
     fields: dict[str, str] = Field(default_factory=dict)
     # Extra files merged before preprocessing (Polyglot: v1.0 + v1.1), same keys as above.
-    extra: tuple[dict[str, str], ...] = ()
+    extra: tuple[dict[str, Any], ...] = ()
     skip_rows: int = 0  # drop the first N rows (e.g. the non-KoAlpaca head of a sample)
     limit: int | None = None  # keep at most N rows after skip (tests, smoke runs)
 
@@ -149,6 +149,8 @@ class Lora(_Section):
     dropout: float = 0.05
     bias: Literal["none", "all", "lora_only"] = "none"
     target_modules: tuple[str, ...] | Literal["all-linear"] = ("q_proj", "v_proj")
+    # trained in full and saved with the adapter (peft `modules_to_save`); none of the sources did
+    modules_to_save: tuple[str, ...] = ()
 
 
 class Train(_Section):

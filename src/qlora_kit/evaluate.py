@@ -193,19 +193,17 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
     del merged
     st.lap("hf")
 
-    from llama_cpp import Llama
+    from .gguf_runtime import open_gguf
 
     metrics["gguf"] = {}
     for f in sorted(paths.gguf.glob("model-*.gguf")):
         qtype = f.stem.removeprefix("model-")
         n_ctx = max([512] + [len(r["input_ids"]) + e.max_new_tokens + 8 for r in val])
-        llm = Llama(model_path=str(f), n_ctx=n_ctx,
-                    logits_all=True, verbose=False, seed=0, n_threads=2)
-        loss = gguf_completion_loss(llm, val)
-        gens[f"gguf-{qtype}"] = gguf_generate(llm, tok, recipe, prompts)
+        with open_gguf(f, n_ctx=n_ctx, logits_all=True, seed=0) as llm:
+            loss = gguf_completion_loss(llm, val)
+            gens[f"gguf-{qtype}"] = gguf_generate(llm, tok, recipe, prompts)
         metrics["gguf"][qtype] = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)),
                                   **summarize(gens[f"gguf-{qtype}"], refs)}
-        del llm
     st.lap("gguf")
 
     extras = {name: json.loads((paths.reports / name).read_text())

@@ -17,7 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .artifacts import StageRun, atomic_dir, git_blob_id, sha256_file, write_json
+from .artifacts import StageRun, atomic_dir, write_json
+from .download import verify
 from .config import Recipe
 from .rows import DataError
 
@@ -26,15 +27,6 @@ SAMPLE = "tiny_alpaca.json"
 
 def sample_path() -> Path:
     return Path(str(resources.files("qlora_kit") / "assets" / "tiny" / SAMPLE))
-
-
-def _verify(path: Path, sha256: str, git_blob: str, label: str) -> dict[str, str]:
-    got = {"sha256": sha256_file(path), "git_blob": git_blob_id(path)}
-    if sha256 and got["sha256"] != sha256:
-        raise DataError(f"{label}: sha256 mismatch: expected {sha256}, got {got['sha256']}")
-    if git_blob and got["git_blob"] != git_blob:
-        raise DataError(f"{label}: git blob mismatch: expected {git_blob}, got {got['git_blob']}")
-    return got
 
 
 def fetch_data(recipe: Recipe, dest: Path) -> list[dict[str, Any]]:
@@ -54,7 +46,7 @@ def fetch_data(recipe: Recipe, dest: Path) -> list[dict[str, Any]]:
 
         return fetch_remote_data(recipe, dest)
     files.append({"name": name, "format": d.format, "fields": d.fields,
-                  **_verify(dest / name, d.sha256, d.git_blob, str(src))})
+                  **verify(dest / name, d.sha256, d.git_blob, str(src))})
     return files
 
 

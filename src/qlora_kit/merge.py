@@ -19,6 +19,10 @@ from typing import Any
 from .config import Recipe
 
 
+class MergeParityError(RuntimeError):
+    """The merged model does not reproduce base+adapter within the recipe's threshold."""
+
+
 def load_base_for_merge(recipe: Recipe, path: Path):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -105,7 +109,7 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
     par["passed"] = par["max_rel_error"] <= recipe.merge.max_rel_error
     write_json(paths.reports / "merge_parity.json", par)
     if not par["passed"]:
-        raise RuntimeError(f"merge parity failed: max relative logit error {par['max_rel_error']:.3g} > "
+        raise MergeParityError(f"merge parity failed: max relative logit error {par['max_rel_error']:.3g} > "
                            f"merge.max_rel_error {recipe.merge.max_rel_error} (see {paths.reports}/merge_parity.json)")
     with atomic_dir(paths.merged) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)

@@ -171,7 +171,8 @@ def lora_config(recipe: Recipe):
     lo = recipe.lora
     targets = lo.target_modules if lo.target_modules == "all-linear" else list(lo.target_modules)
     return LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, bias=lo.bias,
-                      target_modules=targets, task_type="CAUSAL_LM")
+                      target_modules=targets, modules_to_save=list(lo.modules_to_save) or None,
+                      task_type="CAUSAL_LM")
 
 
 def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
