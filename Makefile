@@ -4,9 +4,15 @@
 SHELL := /bin/bash
 RECIPE ?= tiny
 PYTHON ?= python3
+ifdef QLORA_KIT_IMAGE
+# inside the Docker image: the environment is /opt/venv, installed from the same lock at build time
+BIN := /opt/venv/bin
+STAMP :=
+else
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
+endif
 export PATH := $(BIN):$(PATH)
 # DVC and HF libraries: no telemetry, no update checks
 export DVC_NO_ANALYTICS := 1
@@ -14,12 +20,14 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 STAGES := fetch preprocess train merge quantize evaluate
 
-.PHONY: help setup reproduce test lint bench clean $(STAGES)
+.PHONY: help setup reproduce test bench gpu-smoke clean $(STAGES)
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+	@echo "  fetch preprocess train merge quantize evaluate: one stage of RECIPE (and what it needs)"
 	@echo "  RECIPE=$(RECIPE) (recipes: $$(ls recipes/*.yaml | xargs -n1 basename | sed 's/.yaml//' | tr '\n' ' '))"
 
+ifndef QLORA_KIT_IMAGE
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "qlora-kit needs Python 3.11, found " + sys.version' 
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +38,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps -e .
 	$(BIN)/python -m qlora_kit.converter install
 	touch $@
+endif
 
 setup: $(STAMP) ## create .venv from requirements.lock (idempotent)
 
@@ -47,6 +56,9 @@ test: $(STAMP) ## the CI suite: every recipe on a tiny model, on the CPU
 
 bench: $(STAMP) ## performance benchmarks (not part of make test); results in bench/README.md
 	$(BIN)/python bench/run_all.py
+
+gpu-smoke: $(STAMP) ## tiny recipe on CUDA in 4-bit and 8-bit: device, versions, timings (any NVIDIA machine)
+	$(BIN)/python bench/gpu_smoke.py
 
 clean: ## remove outputs of every recipe (data/*/, models/, reports/); keeps .venv and the DVC cache
 	rm -rf data/*/ models reports

@@ -72,6 +72,12 @@ def install_dir(version: str | None = None) -> Path:
 def locate() -> Path:
     """The installed converter folder for the binding's version, or a clear error."""
     version = binding_version()
+    override = os.environ.get("LLAMA_CPP_DIR")  # the Docker image unpacks the same sdist to /opt/llama.cpp
+    if override:
+        d = Path(override)
+        if not all((d / f).is_file() for f in REQUIRED):
+            raise ConverterError(f"LLAMA_CPP_DIR={d} does not hold llama.cpp's converter ({', '.join(REQUIRED)})")
+        return d
     d = install_dir(version)
     if not (d / "SOURCE.json").is_file() or not all((d / f).is_file() for f in REQUIRED):
         raise ConverterError(
@@ -81,7 +87,8 @@ def locate() -> Path:
 
 
 def source_info() -> dict[str, Any]:
-    return json.loads((locate() / "SOURCE.json").read_text(encoding="utf-8"))
+    src = locate() / "SOURCE.json"
+    return json.loads(src.read_text(encoding="utf-8")) if src.is_file() else {"dir": str(src.parent)}
 
 
 # --- install ----------------------------------------------------------------------------------
