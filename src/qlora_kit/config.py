@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .layout import root
 
@@ -26,12 +26,12 @@ from .layout import root
 # (tests/test_dvc_pipeline.py checks it). `quirks` is listed wherever a quirk switch can change
 # what the stage does, because switches are applied to the other sections at load time.
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "fetch": ("source", "model", "data"),
+    "fetch": ("source", "model", "data", "quirks"),
     "preprocess": ("template", "preprocess", "quirks"),
     "train": ("quant", "lora", "train", "quirks"),
-    "merge": ("template", "quant", "merge"),  # chat template; nf4-roundtrip needs the quant config
+    "merge": ("template", "quant", "merge", "quirks"),  # chat template; nf4-roundtrip needs the quant config
     "quantize": ("quantize",),
-    "evaluate": ("template", "eval", "expected"),  # template: the inference prompt form
+    "evaluate": ("template", "eval", "expected", "quirks"),  # template: the inference prompt form
 }
 
 
@@ -186,13 +186,48 @@ class Train(_Section):
 
 class Merge(_Section):
     base: Literal["original", "nf4-roundtrip"] = "original"
+    # shardwise: one safetensors shard at a time (peak ~ one shard + the adapter); peft: the whole
+    # model in memory and peft's merge_and_unload (needs ~2 bytes x params of RAM; for checking)
+    method: Literal["shardwise", "peft"] = "shardwise"
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     parity_rows: int = 8
     max_rel_error: float = 0.02  # stage fails above this (merged vs base+adapter logits)
+    license: str = ""  # model card `license:` (e.g. llama2, apache-2.0); empty -> "other"
+
+
+# Per-GGUF-type gates of the quantize stage (next-token distributions of the GGUF vs the merged HF
+# model on held-out rows). Kit choices, set a few times looser than what llama.cpp's own table
+# reports for Llama-2-7B / Llama-3-8B on wikitext (tools/perplexity/README.md in the pinned
+# llama.cpp: mean KLD q8_0 0.0004/0.0014, q6_K 0.002/0.005, q4_K_M 0.013/0.031; same top token
+# 98.8/97.7 %, 97.5/96.0 %, 94.7/91.9 %; BF16 vs FP16 2.5e-5 and 99.7 %).
+QuantType = Literal["f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"]
+GGUF_MAX_MEAN_KL: dict[str, float] = {"f16": 1e-3, "q8_0": 5e-3, "q6_k": 0.02, "q5_k_m": 0.03,
+                                      "q4_k_m": 0.1, "q4_0": 0.15}
+GGUF_MIN_TOP1: dict[str, float] = {"f16": 0.98, "q8_0": 0.95, "q6_k": 0.93, "q5_k_m": 0.91,
+                                   "q4_k_m": 0.85, "q4_0": 0.82}
 
 
 class Quantize(_Section):
-    types: tuple[Literal["f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"], ...] = ("f16", "q4_k_m")
+    types: tuple[QuantType, ...] = ("f16", "q4_k_m")
+    parity_rows: int = 8  # validation rows for the GGUF parity report (reports/NAME/gguf_parity.json)
+    # Gates per type; a recipe lists only the types it changes, the others keep the kit defaults.
+    max_mean_kl: dict[QuantType, float] = Field(default_factory=lambda: dict(GGUF_MAX_MEAN_KL))
+    min_top1: dict[QuantType, float] = Field(default_factory=lambda: dict(GGUF_MIN_TOP1))
+    stop: tuple[str, ...] = ()  # extra stop strings for the Ollama Modelfile (EOS is always one)
+
+    @field_validator("max_mean_kl", "min_top1", mode="before")
+    @classmethod
+    def _with_defaults(cls, value: Any, info: Any) -> Any:
+        defaults = GGUF_MAX_MEAN_KL if info.field_name == "max_mean_kl" else GGUF_MIN_TOP1
+        return {**defaults, **value} if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Quantize:
+        if self.parity_rows < 1:
+            raise ValueError("parity_rows must be >= 1")
+        if any(v < 0 for v in self.max_mean_kl.values()) or any(not 0 <= v <= 1 for v in self.min_top1.values()):
+            raise ValueError("max_mean_kl must be >= 0 and min_top1 within [0, 1]")
+        return self
 
 
 class EvalFile(_Section):
