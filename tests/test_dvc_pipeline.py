@@ -84,3 +84,11 @@ def test_status_clean_then_lr_change_reruns_exactly_the_train_chain(tiny_repo):
     res = _dvc(tiny_repo, "repro")
     assert _ran(res.stdout) == ["train@tiny", "merge@tiny", "quantize@tiny", "evaluate@tiny"]
     assert "up to date" in _dvc(tiny_repo, "status").stdout
+
+
+def test_every_recipe_has_every_section_dvc_tracks():
+    """DVC refuses to run a stage whose params name a section missing from the recipe file."""
+    tracked = {s for secs in STAGE_SECTIONS.values() for s in secs}
+    for p in sorted((REPO / "recipes").glob("*.yaml")):
+        missing = tracked - set(yaml.safe_load(p.read_text()))
+        assert not missing, f"{p.name} lacks {sorted(missing)}"
