@@ -28,10 +28,10 @@ from .layout import root
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "fetch": ("source", "model", "data", "quirks"),
     "preprocess": ("template", "preprocess", "quirks"),
-    "train": ("quant", "lora", "train", "quirks"),
-    "merge": ("template", "quant", "merge", "quirks"),  # chat template; nf4-roundtrip needs the quant config
+    "train": ("model", "quant", "lora", "train", "quirks"),  # model: trust_remote_code, allow_pickle, dtype
+    "merge": ("model", "template", "quant", "merge", "quirks"),  # chat template; nf4-roundtrip needs the quant config
     "quantize": ("quantize",),
-    "evaluate": ("template", "eval", "expected", "quirks"),  # template: the inference prompt form
+    "evaluate": ("model", "template", "eval", "expected", "quirks"),  # template: the inference prompt form
 }
 
 
@@ -268,6 +268,18 @@ class PromptSet(_Section):
         return self
 
 
+class Benchmark(_Section):
+    """One lm-evaluation-harness task (or group), run on the merged model through lm-eval's HF backend."""
+
+    task: str  # lm-eval task or group name: arc_challenge, hellaswag, mmlu, truthfulqa_mc2, kobest, kmmlu, haerae
+    name: str = ""  # key under `benchmarks.` in metrics.json; default: the task name
+    num_fewshot: int | None = None  # None: the task's own default
+    metric: str = "acc"  # lm-eval metric reported as the headline number (acc, acc_norm, ...)
+    limit: int | None = None  # at most N documents per task (smoke runs); None: all
+    origin: Literal["source", "kit"] = "source"
+    cite: str = ""
+
+
 class Eval(_Section):
     max_new_tokens: int = 32
     do_sample: bool = False
@@ -279,6 +291,28 @@ class Eval(_Section):
     prompts_file: str = ""  # recipe eval prompts (JSON lines with "instruction"[, "input"])
     val_batch: int = 16
     prompt_sets: tuple[PromptSet, ...] = ()  # the source's evaluation inputs, by reference
+    # LLM judge (OpenAI-compatible endpoint) for prompt sets with judge komt/alpagasus. The
+    # environment variables QLORA_KIT_JUDGE_BASE_URL / QLORA_KIT_JUDGE_MODEL override these; the
+    # API key is only ever read from QLORA_KIT_JUDGE_API_KEY (not needed for a 127.0.0.1 judge).
+    judge_base_url: str = ""
+    judge_model: str = ""
+    prompt_set_limit: int = 0  # > 0: only the first N prompts of each set (smoke runs); 0: all
+    # lm-evaluation-harness presets; they download their data sets from the Hub and take hours on
+    # a 13B model, so they run only when run_benchmarks is true (`--set eval.run_benchmarks=true`)
+    benchmarks: tuple[Benchmark, ...] = ()
+    run_benchmarks: bool = False
+    benchmark_tasks_dir: str = ""  # extra lm-eval task YAMLs, relative to the checkout ("" = none)
+    # the source's own training curve (a transformers trainer_state.json), overlaid on ours
+    reference_curve: EvalFile | None = None
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Eval:
+        if self.prompt_set_limit < 0:
+            raise ValueError("prompt_set_limit must be >= 0")
+        names = [b.name or b.task for b in self.benchmarks]
+        if len(set(names)) != len(names):
+            raise ValueError("benchmarks: two entries share a name (set name: on one of them)")
+        return self
 
 
 class Expected(_Section):

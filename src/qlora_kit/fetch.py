@@ -17,10 +17,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from . import model_safety
 from .artifacts import StageRun, atomic_dir, write_json
 from .download import verify
 from .config import Recipe
-from .rows import DataError
 
 SAMPLE = "tiny_alpaca.json"
 
@@ -35,13 +35,7 @@ def fetch_data(recipe: Recipe, dest: Path) -> list[dict[str, Any]]:
     if d.source == "tiny-sample":
         src, name = sample_path(), SAMPLE
         shutil.copyfile(src, dest / name)
-    elif d.source == "local":
-        src = Path(d.path)
-        if not src.is_file():
-            raise DataError(f"data.path: {src}: no such file (set --set data.path=FILE)")
-        name = src.name
-        shutil.copyfile(src, dest / name)
-    else:
+    else:  # local, url, hub: download.py handles each entry of data and data.extra
         from .download import fetch_remote_data
 
         return fetch_remote_data(recipe, dest)
@@ -59,8 +53,7 @@ def fetch_model(recipe: Recipe, dest: Path, rows_for_tokenizer: list[dict[str, s
         return {"source": "tiny", "arch": m.arch, "seed": m.tiny.seed}
     if m.source == "local":
         src = Path(m.name)
-        if not (src / "config.json").is_file():
-            raise DataError(f"model.name: {src}: not a model folder (no config.json)")
+        model_safety.check(src, m, what="model.name")  # before copying gigabytes we would refuse
         shutil.copytree(src, dest, dirs_exist_ok=True)
         return {"source": "local", "path": str(src)}
     from .download import fetch_hub_model
@@ -79,6 +72,7 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
         # the tiny tokenizer is trained on the shipped sample text, whatever data the recipe uses
         sample_rows = json.loads(sample_path().read_text(encoding="utf-8"))
         model_facts = fetch_model(recipe, base_tmp, sample_rows)
+        model_facts["safety"] = model_safety.check(base_tmp, recipe.model)  # hub and tiny too
         st.lap("model")
         st.facts.update(files=files, model=model_facts)
         write_json(raw_tmp / "manifest.json", st.manifest())

@@ -55,6 +55,9 @@ def load_base(recipe: Recipe, path: Path, device: str):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .model_safety import check
+
+    check(path, recipe.model)  # no pickle weights, no model-shipped code unless the recipe opts in
     qc = quantization_config(recipe)
     kwargs: dict[str, Any] = dict(trust_remote_code=recipe.model.trust_remote_code,
                                   use_safetensors=not recipe.model.allow_pickle or None)
@@ -126,6 +129,66 @@ class Collator:
             labels[i, :k] = torch.tensor(f["labels"])
             att[i, :k] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": att}
+
+
+class PaddingFreeCollator:
+    """`train.packing: true`: the micro-batch's examples side by side in one row, with no padding.
+
+    Faithful packing, not TRL's fixed-length block packing: the same examples form each
+    micro-batch as with `Collator` (the sampler is untouched), `position_ids` restart at 0 for
+    every example, and each example's first label becomes -100, the position that would predict
+    it from the previous example's last token. Given position_ids and no attention mask,
+    transformers' masking_utils (`find_packed_sequence_indices`) builds a block-diagonal causal
+    mask for the sdpa/eager attention paths too, so no example attends to another; that is why
+    this works on the CPU as well as with flash-attention. `check_padding_free` verifies it on the
+    actual model before training. The loss-bearing labels are exactly those of the padded batch.
+    """
+
+    def __call__(self, feats: list[dict[str, Any]]) -> dict[str, Any]:
+        from transformers import DataCollatorWithFlattening
+
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)(
+            [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in feats])
+
+
+def check_padding_free(model, rows: list[dict[str, Any]], n_tokens: int = 24) -> float:
+    """Logits of two examples packed in one row vs each alone; raise if they differ.
+
+    A model class whose attention does not honour the packed layout would let the second
+    example attend to the first one and train on a contaminated context; this catches it before
+    step 0. Returns the largest difference relative to the logits' spread (recorded in the manifest).
+    """
+    import torch
+
+    if len(rows) < 2:
+        return 0.0
+    a, b = (list(r["input_ids"][:n_tokens]) for r in rows[:2])
+    device = next(p.device for p in model.parameters())
+    # The model runs in train mode with only its dropout layers switched off: bitsandbytes'
+    # Linear4bit repacks its weights for inference on the first no-grad forward in eval mode on a
+    # CPU with AVX512-BF16, and that kernel has no backward, so every later training step would
+    # get no gradient at all (measured: grad_norm 0). A freshly loaded model is in eval mode.
+    was_training = model.training
+    model.train()
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    for m in dropouts:
+        m.eval()
+    try:
+        with torch.no_grad():
+            alone = [model(input_ids=torch.tensor([x], device=device)).logits[0].float() for x in (a, b)]
+            pos = torch.tensor([list(range(len(a))) + list(range(len(b)))], device=device)
+            packed = model(input_ids=torch.tensor([a + b], device=device), position_ids=pos).logits[0].float()
+    finally:
+        model.train(was_training)
+    ref = torch.cat(alone)
+    rel = float((packed - ref).abs().max() / ref.std().clamp_min(1e-6))
+    # fp32 agrees to ~1e-5 of the spread; bf16/fp16 and 4-bit kernels to ~1e-2. Attending across
+    # the boundary moves the second example's logits by a large fraction of the spread.
+    if rel > 0.05:
+        raise RuntimeError(f"train.packing: packed and separate logits differ by {rel:.3g} of the logits' spread: "
+                           f"this model's attention ({type(model).__name__}) does not keep packed examples apart; "
+                           "set train.packing: false")
+    return rel
 
 
 def _csv_logger(path: Path):
@@ -224,6 +287,12 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
         for note in st.facts["fallbacks"]:
             print(f"train: fallback: {note}", flush=True)
 
+    if t.packing:
+        derived["padding_free_check_rel_diff"] = check_padding_free(model, train_rows)
+        if rank == 0:
+            print("train: packing: padding-free rows, packed logits == separate logits "
+                  f"(max diff {derived['padding_free_check_rel_diff']:.2g} of the spread)", flush=True)
+
     key = run_key(recipe, data_hash, world)
     ckpt_dir = paths.checkpoints / key
     paths.checkpoints.mkdir(parents=True, exist_ok=True)  # a DVC out (persist) even with no checkpoints
@@ -242,12 +311,13 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
         eval_steps=t.eval_steps if t.eval_steps > 0 else None,
         save_strategy="steps" if t.save_steps > 0 else "no", save_steps=t.save_steps or 500,
         report_to="none", use_cpu=device == "cpu", dataloader_num_workers=0, remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
+        # a padding-free row has no pad and no attention mask: every token counts
+        include_num_input_tokens_seen="all" if t.packing else "non_padding",
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         ddp_find_unused_parameters=False if world > 1 else None, disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=train_rows, eval_dataset=val_rows or None,
-                      data_collator=Collator(tok.pad_id), callbacks=[_csv_logger(log_csv)] if rank == 0 else [])
+                      data_collator=PaddingFreeCollator() if t.packing else Collator(tok.pad_id), callbacks=[_csv_logger(log_csv)] if rank == 0 else [])
     st.lap("load")
     result = trainer.train(resume_from_checkpoint=last)
     st.lap("train")
