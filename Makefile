@@ -3,6 +3,12 @@
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
 RECIPE ?= tiny
+GPUS ?= 1
+ACCELERATE_CONFIG ?=
+# Read by the train stage (not recipe params: N processes keep the recipe's global batch and give
+# the same result within tolerance, so dvc does not rerun train when they change).
+export QLORA_KIT_GPUS := $(GPUS)
+export QLORA_KIT_ACCELERATE_CONFIG := $(ACCELERATE_CONFIG)
 PYTHON ?= python3
 ifdef QLORA_KIT_IMAGE
 # inside the Docker image: the environment is /opt/venv, installed from the same lock at build time
@@ -25,6 +31,7 @@ STAGES := fetch preprocess train merge quantize evaluate
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 	@echo "  fetch preprocess train merge quantize evaluate: one stage of RECIPE (and what it needs)"
+	@echo "  GPUS=N: train on N processes (torchrun); ACCELERATE_CONFIG=recipes/accelerate/<cfg>.yaml: DDP, FSDP-QLoRA, DeepSpeed ZeRO-2/3"
 	@echo "  RECIPE=$(RECIPE) (recipes: $$(ls recipes/*.yaml | xargs -n1 basename | sed 's/.yaml//' | tr '\n' ' '))"
 
 ifndef QLORA_KIT_IMAGE

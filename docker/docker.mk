@@ -32,7 +32,7 @@ DVC_CACHE_HOST ?= $(HOME)/.cache/qlora-kit-dvc
 DOCKER_GPUS ?= --gpus all
 # Names only: docker reads each value from the environment of `make`. Add, e.g., the judge's
 # API key name here: make docker-reproduce DOCKER_PASS_ENV="HF_TOKEN OPENAI_API_KEY"
-DOCKER_PASS_ENV ?= HF_TOKEN HF_HUB_OFFLINE
+DOCKER_PASS_ENV ?= HF_TOKEN HF_HUB_OFFLINE QLORA_KIT_GPUS QLORA_KIT_ACCELERATE_CONFIG
 # Extra `docker build` options, e.g. DOCKER_BUILD_ARGS="--build-arg CUDA_ARCHITECTURES=89"
 DOCKER_BUILD_ARGS ?=
 

@@ -10,6 +10,22 @@ resumes and a changed config never resumes someone else's optimizer state.
 
 Before step 0 the stage logs and records the numbers it derived: effective batch, steps per
 epoch, total steps, warmup steps, trainable parameters, tokens per step.
+
+Batching: each micro-batch is right-padded to its own longest example (`Collator`), never to the
+cutoff. `train.packing: true` makes it padding-free (`PaddingFreeCollator`): the same examples per
+step, side by side in one row, kept apart by position_ids (checked on the model before step 0).
+bench/train_throughput.py measures both against the sources' pad-to-cutoff batches.
+
+Several processes (GPUs, or CPU processes with gloo):
+
+    QLORA_KIT_GPUS=2 qlora-kit train --recipe tiny         (or: make train RECIPE=tiny GPUS=2)
+    QLORA_KIT_ACCELERATE_CONFIG=recipes/accelerate/fsdp-qlora.yaml qlora-kit train --recipe komt
+    torchrun --nproc_per_node=2 -m qlora_kit.cli train --recipe tiny   (multi-node: add rendezvous)
+
+The first two re-launch this same command under torchrun / `accelerate launch`, so dvc.yaml's
+command is the same with or without them. A recipe's `per_device_batch x grad_accum` is the
+*global* batch whatever the world size: with W processes the stage divides grad_accum by W, else
+per_device_batch by W, else stops (`rank_batch`), so a distributed run trains the same steps.
 """
 from __future__ import annotations
 
@@ -17,11 +33,14 @@ import csv
 import hashlib
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from .config import Recipe
+from .config import Recipe, RecipeError, recipe_path
 
 _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
@@ -51,6 +70,15 @@ def quantization_config(recipe: Recipe):
                               bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype))
 
 
+class LaunchError(RuntimeError):
+    """The distributed re-launch (torchrun / accelerate launch) failed."""
+
+
+def fsdp_enabled() -> bool:
+    """`accelerate launch` with an FSDP config sets this; the Trainer then wraps the model in FSDP."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
 def load_base(recipe: Recipe, path: Path, device: str):
     import torch
     from transformers import AutoModelForCausalLM
@@ -61,8 +89,17 @@ def load_base(recipe: Recipe, path: Path, device: str):
     qc = quantization_config(recipe)
     kwargs: dict[str, Any] = dict(trust_remote_code=recipe.model.trust_remote_code,
                                   use_safetensors=not recipe.model.allow_pickle or None)
-    if qc is not None:
-        kwargs.update(quantization_config=qc, device_map={"": device if device == "cpu" else 0},
+    if qc is not None and fsdp_enabled():
+        # FSDP-QLoRA: FSDP flattens all parameters of a unit into one buffer of one dtype, so the
+        # packed 4-bit weights are stored in the compute dtype; FSDP places the shards, so no device_map
+        # (peft docs, "FSDP + QLoRA"). Untested here (no multi-GPU machine); DDP is tested on the CPU.
+        if recipe.quant.bits == 4:
+            qc.bnb_4bit_quant_storage = getattr(torch, recipe.quant.compute_dtype)
+        kwargs.update(quantization_config=qc, dtype=getattr(torch, recipe.quant.compute_dtype))
+    elif qc is not None:
+        # one full copy per process: rank r's copy on its own GPU (LOCAL_RANK), not all on GPU 0
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        kwargs.update(quantization_config=qc, device_map={"": device if device == "cpu" else local},
                       dtype=getattr(torch, recipe.quant.compute_dtype))
     else:
         kwargs.update(dtype=getattr(torch, recipe.model.dtype))
@@ -93,21 +130,86 @@ def run_key(recipe: Recipe, data_hash: str, world: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def rank_batch(per_device_batch: int, grad_accum: int, world: int) -> tuple[int, int]:
+    """(per-process micro-batch, per-process grad_accum) that keep the recipe's global batch.
+
+    A recipe's `per_device_batch x grad_accum` is its global (effective) batch, the number the
+    sources report, so a run on W processes must not multiply it by W. The kit divides grad_accum
+    by W when it can (the micro-batch, and so memory and padding per forward, stay the source's),
+    else per_device_batch (same examples per optimizer step, smaller forwards), else stops: a run
+    whose global batch differs is a different run, so it is refused, not silently changed.
+    """
+    if world <= 1:
+        return per_device_batch, grad_accum
+    if grad_accum % world == 0:
+        return per_device_batch, grad_accum // world
+    if per_device_batch % world == 0:
+        return per_device_batch // world, grad_accum
+    raise RecipeError(
+        f"train: the global batch per_device_batch {per_device_batch} x grad_accum {grad_accum} = "
+        f"{per_device_batch * grad_accum} cannot be split over {world} processes (neither grad_accum nor "
+        "per_device_batch is divisible by it); use a world size that divides one of them")
+
+
 def derived_numbers(n_train: int, recipe: Recipe, world: int, mean_tokens: float) -> dict[str, Any]:
-    """What the Trainer will do, computed up front (transformers 5 Trainer semantics)."""
+    """What the Trainer will do, computed up front (transformers 5 Trainer semantics).
+
+    Each process's dataloader has ceil(n / (micro-batch x world)) micro-batches (accelerate's
+    even_batches pads the last round with examples from the start), and transformers 5 counts
+    a trailing partial accumulation as an optimizer step: steps per epoch =
+    ceil(micro-batches / grad_accum) (Trainer.set_initial_training_values). transformers 4.x
+    floored it (and carried the remainder's gradient into the next epoch), which is why a source
+    trained on 4.x can report a few steps fewer; tests/test_derived_numbers.py checks both.
+    """
     t = recipe.train
-    micro_batches = math.ceil(n_train / (t.per_device_batch * world))
-    steps_per_epoch = max(micro_batches // t.grad_accum, 1)  # drops a trailing partial accumulation
+    pdb, ga = rank_batch(t.per_device_batch, t.grad_accum, world)
+    micro_batches = math.ceil(n_train / (pdb * world))
+    steps_per_epoch = max(math.ceil(micro_batches / ga), 1)
     total = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
     if t.warmup_steps > 0:
         warmup = t.warmup_steps
-    else:
+    else:  # TrainingArguments.get_warmup_steps: ceil(total x ratio) for a ratio
         warmup = math.ceil(total * t.warmup_ratio)
-    eff = t.per_device_batch * t.grad_accum * world
+    eff = pdb * ga * world
     return {"train_rows": n_train, "world_size": world, "effective_batch": eff,
+            "per_device_batch_used": pdb, "grad_accum_used": ga,
             "steps_per_epoch": steps_per_epoch, "total_steps": total, "warmup_steps": warmup,
             "epochs_effective": round(total / steps_per_epoch, 4),
             "tokens_per_step_mean": round(eff * mean_tokens, 1)}
+
+
+def relaunch_command(recipe: Recipe, overrides: dict[str, Any] | None, nproc: int,
+                     accelerate_config: str | None) -> list[str]:
+    """This same `qlora-kit train` under torchrun (standalone, one node) or `accelerate launch`."""
+    if not recipe_path(recipe.name).exists():
+        raise LaunchError(f"train: a distributed re-launch needs recipes/{recipe.name}.yaml (the recipe was "
+                          "loaded from elsewhere); run torchrun / accelerate launch yourself")
+    # --set values are YAML; JSON is YAML, so json.dumps round-trips every override exactly
+    args = ["-m", "qlora_kit.cli", "train", "--recipe", recipe.name]
+    for key, value in (overrides or {}).items():
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    if accelerate_config:
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config]
+        if nproc > 1:
+            launch += ["--num_processes", str(nproc)]
+        return launch + args
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
+def _relaunch(recipe: Recipe, overrides: dict[str, Any] | None, nproc: int,
+              accelerate_config: str | None) -> dict[str, Any]:
+    from . import layout
+
+    if not accelerate_config:  # refuse an unsplittable global batch before starting N processes
+        rank_batch(recipe.train.per_device_batch, recipe.train.grad_accum, nproc)
+    cmd = relaunch_command(recipe, overrides, nproc, accelerate_config)
+    print("train: launching " + " ".join(cmd[1:]), flush=True)
+    # the children see RANK, so they train instead of launching again
+    rc = subprocess.run(cmd, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}).returncode
+    if rc != 0:
+        raise LaunchError(f"train: the distributed run exited with status {rc} ({' '.join(cmd[1:4])} ...)")
+    manifest = layout.paths(recipe.name).adapter / "manifest.json"
+    return json.loads(manifest.read_text())["facts"]
 
 
 class Collator:
@@ -239,6 +341,13 @@ def lora_config(recipe: Recipe):
 
 
 def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    # QLORA_KIT_GPUS=N (N > 1) / QLORA_KIT_ACCELERATE_CONFIG: re-run this command under a launcher,
+    # unless this process is already one of a launched group (RANK is set by torchrun/accelerate)
+    nproc = int(os.environ.get("QLORA_KIT_GPUS") or "1")
+    accel_cfg = os.environ.get("QLORA_KIT_ACCELERATE_CONFIG") or None
+    if (nproc > 1 or accel_cfg) and "RANK" not in os.environ:
+        return _relaunch(recipe, overrides, nproc, accel_cfg)
+
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import Trainer, TrainingArguments, set_seed
@@ -253,8 +362,15 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
     st = StageRun("train", recipe, overrides)
     t = recipe.train
     device = resolve_device(t.device)
-    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
-    rank = int(__import__("os").environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    per_device, grad_accum = rank_batch(t.per_device_batch, t.grad_accum, world)  # before any loading
+    st.facts["distributed"] = {"world_size": world, "fsdp": fsdp_enabled(),
+                               "deepspeed": os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true",
+                               "per_device_batch": per_device, "grad_accum": grad_accum,
+                               "global_batch": per_device * grad_accum * world,
+                               "rule": "recipe per_device_batch x grad_accum is the global batch; "
+                                       "grad_accum (else per_device_batch) divided by the world size"}
     precision, prec_note = effective_precision(t.precision, device)
     optim, optim_note = effective_optimizer(t.optimizer, device)
     st.facts["fallbacks"] = [n for n in (prec_note, optim_note) if n]
@@ -301,8 +417,8 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
     if last is None and rank == 0 and log_csv.exists():
         log_csv.unlink()  # a fresh run starts a fresh curve; a resumed one appends
     args = TrainingArguments(
-        output_dir=str(ckpt_dir), per_device_train_batch_size=t.per_device_batch,
-        per_device_eval_batch_size=t.per_device_batch, gradient_accumulation_steps=t.grad_accum,
+        output_dir=str(ckpt_dir), per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=per_device, gradient_accumulation_steps=grad_accum,
         num_train_epochs=t.epochs, max_steps=t.max_steps, learning_rate=t.learning_rate,
         lr_scheduler_type=t.scheduler, warmup_steps=derived["warmup_steps"], weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm, optim=optim, fp16=precision == "fp16", bf16=precision == "bf16",
@@ -315,19 +431,38 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
         include_num_input_tokens_seen="all" if t.packing else "non_padding",
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         ddp_find_unused_parameters=False if world > 1 else None, disable_tqdm=True,
+        # the Trainer would pick nccl from the device it cannot find on a CPU; gloo is torch's CPU backend
+        ddp_backend="gloo" if (device == "cpu" and world > 1) else None,
     )
     trainer = Trainer(model=model, args=args, train_dataset=train_rows, eval_dataset=val_rows or None,
-                      data_collator=PaddingFreeCollator() if t.packing else Collator(tok.pad_id), callbacks=[_csv_logger(log_csv)] if rank == 0 else [])
+                      data_collator=PaddingFreeCollator() if t.packing else Collator(tok.pad_id),
+                      callbacks=[_csv_logger(log_csv)] if rank == 0 else [])
     st.lap("load")
     result = trainer.train(resume_from_checkpoint=last)
     st.lap("train")
     st.facts.update(resumed_from=Path(last).name if last else None, run_key=key,
                     final={"global_step": trainer.state.global_step, "train_loss": result.training_loss,
                            "max_steps_actual": trainer.state.max_steps})
+    sharded = fsdp_enabled() or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    if sharded:
+        # FSDP / ZeRO-3 hold only a shard of each weight per rank: every rank joins the gather in
+        # Trainer.save_model, which writes the full adapter on rank 0 (untested here: needs GPUs)
+        import shutil
+
+        if fsdp_enabled():
+            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        staged = ckpt_dir / "final-adapter"
+        trainer.save_model(str(staged))
     if rank == 0:
         with atomic_dir(paths.adapter) as tmp:
-            model.save_pretrained(str(tmp))
+            if sharded:
+                for f in staged.iterdir():
+                    if f.is_file() and f.name != "training_args.bin":
+                        shutil.copy2(f, tmp / f.name)
+                shutil.rmtree(staged)
+            else:  # DDP / one process: rank 0's model holds the whole (replicated) adapter
+                model.save_pretrained(str(tmp))
             write_json(tmp / "manifest.json", st.manifest())
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        torch.distributed.barrier()  # no rank exits (and no launcher reports success) before the adapter exists
     return st.facts
