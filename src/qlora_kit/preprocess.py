@@ -11,6 +11,7 @@ The row -> example logic (`tokenize_example`, `build`) is pure: the tokenizer is
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -137,7 +138,8 @@ def build(rows: list[SourceRow], tok: TokenizerLike, tpl: Template, pp: Preproce
     def split(items: list) -> tuple[list, list]:
         idx = list(range(len(items)))
         random.Random(pp.split_seed).shuffle(idx)
-        n_val = round(len(items) * pp.val_ratio) if pp.val_ratio > 0 else 0
+        # ceil, as datasets' train_test_split(test_size=...) sizes the test part (L2K, AG2 split with it)
+        n_val = math.ceil(len(items) * pp.val_ratio - 1e-9) if pp.val_ratio > 0 else 0
         if pp.val_ratio > 0 and n_val == 0 and len(items) > 1:
             n_val = 1
         val_idx = set(idx[:n_val])
