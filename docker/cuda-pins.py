@@ -51,7 +51,9 @@ BUILD_MARKER = "# --- build (image builder stage only) ---"
 # PyPI has no wheel for these at the pinned versions, so the builder stage builds them from their
 # sdists (llama-cpp-python needs CUDA anyway; antlr4-python3-runtime 4.9.3, a dvc -> hydra
 # dependency, is pure Python). The final stage then installs wheels only (--only-binary=:all:).
-SDIST_ONLY = ("llama-cpp-python", "antlr4-python3-runtime")
+SDIST_ONLY = ("llama-cpp-python", "antlr4-python3-runtime",
+              # lm-eval's pure-Python dependencies without wheels at their pins
+              "rouge-score", "sqlitedict", "word2number")
 
 # What the builder stage needs to build the sdists above (llama-cpp-python: scikit-build-core
 # with a CMake and Ninja recent enough for CUDA 13; antlr4: setuptools), and pip itself, so the

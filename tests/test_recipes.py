@@ -172,8 +172,9 @@ SHAPE = {
     "llama2-koalpaca": dict(prompt_loss=True, first="<s>", eos="masked", val=1),
     "llama2-koalpaca-7b": dict(prompt_loss=True, first="<s>", eos="masked", val=1),
     "komt": dict(prompt_loss=False, first="</s>", eos="learned", val=0),
-    "alpagasus2": dict(prompt_loss=True, first="<s>", eos="absent", val=3),
-    "alpagasus2-13b": dict(prompt_loss=True, first="<s>", eos="absent", val=3),
+    # 64 rows x 0.05 = 3.2 -> 4: datasets' train_test_split sizes the test part with ceil
+    "alpagasus2": dict(prompt_loss=True, first="<s>", eos="absent", val=4),
+    "alpagasus2-13b": dict(prompt_loss=True, first="<s>", eos="absent", val=4),
     "polyglot-koalpaca": dict(prompt_loss=False, first=None, eos="learned", val=0),
 }
 
@@ -329,8 +330,10 @@ def _warmup_counts_micro_batches(name, ctx):
     from qlora_kit.train import derived_numbers
 
     got = [derived_numbers(70775, recipe(name, warmup_counts_micro_batches=f), 1, 100.0) for f in (False, True)]
-    # the published run: 17,692 optimizer steps (trainer_state.json global_step) either way
-    assert [d["total_steps"] for d in got] == [17692, 17692]
+    # the published run took 17,692 optimizer steps (trainer_state.json global_step) under
+    # transformers 4.36, which dropped each epoch's trailing partial accumulation; transformers 5
+    # steps on it, so the kit's run takes 17,696 (4 more, one per epoch) — either way
+    assert [d["total_steps"] for d in got] == [17696, 17696]
     assert [d["warmup_steps"] for d in got] == [7077, 1770]  # 40 % of the run vs 10 %
 
 

@@ -21,6 +21,14 @@ in (default ``QLORA_KIT_JUDGE_API_KEY``); it is sent as a Bearer header and neve
 or written. Judged items go to an append-only JSONL cache so an interrupted run resumes without
 paying twice.
 
+In the evaluate stage (``evaluate.judge_prompt_sets``) the endpoint comes from
+``resolve_endpoint``: ``QLORA_KIT_JUDGE_BASE_URL`` / ``QLORA_KIT_JUDGE_MODEL`` or the recipe's
+``eval.judge_base_url`` / ``eval.judge_model``; a judge on 127.0.0.1 needs no key.
+``judge_komt_set`` scores the merged model's answers and, where the prompt file records another
+model's answers (komt's score files do), those too, so the kit's judge can be compared with the
+source's on the same text; ``judge_alpagasus_set`` judges the model against the recorded baseline
+in both orders. Their tables go to metrics.json (``judge.<prompt set>.*``) and report.md.
+
 Run the replay (prints a markdown table, or JSON with ``--json``)::
 
     qlora-kit judge replay --style alpagasus --data-dir ../shared/data
@@ -712,6 +720,125 @@ def judge_alpagasus(
         )
         judgments.append(PairJudgment.from_reviews(item.get("id"), model_first, baseline_first))
     return judgments
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluate stage's judge: endpoint from recipe or environment, one prompt set at a time
+# --------------------------------------------------------------------------------------------
+
+JUDGE_BASE_URL_ENV = "QLORA_KIT_JUDGE_BASE_URL"
+JUDGE_MODEL_ENV = "QLORA_KIT_JUDGE_MODEL"
+
+
+def redact_url(url: str) -> str:
+    """scheme://host[:port]/path of a URL, without user:password@ or a query (either may carry a key)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the evaluate stage's judge lives. `message` is the report's judge status line."""
+
+    base_url: str
+    model: str
+    configured: bool
+    require_api_key: bool
+    message: str
+
+
+def resolve_endpoint(
+    base_url: str = "",
+    model: str = "",
+    *,
+    api_key_env: str = DEFAULT_API_KEY_ENV,
+    environ: Mapping[str, str] | None = None,
+) -> Endpoint:
+    """Judge endpoint for the evaluate stage: the environment wins over the recipe's eval values.
+
+    The environment wins so that a user can point a run at their own judge (a hosted API, or
+    llama-cpp-python's server on 127.0.0.1) without editing the recipe. The API key only ever
+    comes from the environment; a judge on this machine (loopback) needs none.
+    """
+    env = os.environ if environ is None else environ
+    url = env.get(JUDGE_BASE_URL_ENV) or base_url
+    name = env.get(JUDGE_MODEL_ENV) or model
+    host = (urllib.parse.urlsplit(url).hostname or "") if url else ""
+    require_key = host not in _LOOPBACK
+    missing = []
+    if not url:
+        missing.append(f"{JUDGE_BASE_URL_ENV} (or eval.judge_base_url) to an OpenAI-compatible /v1 URL")
+    if not name:
+        missing.append(f"{JUDGE_MODEL_ENV} (or eval.judge_model)")
+    if require_key and not env.get(api_key_env):
+        missing.append(f"{api_key_env} (the API key of a judge that is not on 127.0.0.1)")
+    if missing:
+        return Endpoint(url, name, False, require_key, "judge: not configured: set " + "; set ".join(missing))
+    origin = "environment" if env.get(JUDGE_BASE_URL_ENV) else "recipe"
+    key_note = f"API key from ${api_key_env}" if env.get(api_key_env) else "no API key"
+    return Endpoint(url, name, True, require_key,
+                    f"judge: configured: {name} at {redact_url(url)} (endpoint from the {origin}; {key_note})")
+
+
+def alpagasus_judge_question(instruction: str, input: str = "") -> str:
+    """evaluation.py:L101-107: "{instruction} Input: {input}" when there is an input."""
+    return f"{instruction} Input: {input}" if input else instruction
+
+
+def judge_komt_set(
+    client: JudgeClient,
+    rows: Sequence[Mapping[str, Any]],
+    answers: Sequence[str],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """komt 0-5 judge on one prompt set: the model's answers, and the recorded answers if the
+    prompt file carries them (komt's files hold the answers of the model they scored, so judging
+    them again shows how our judge compares with the source's ChatGPT on the same text).
+
+    Returns (table, per-item records): table = {n, out_of, sum, average, percentage, unparsed,
+    recorded: {...} | absent}.
+    """
+    items = [{"id": r.get("id"), "question": r["instruction"], "answer": a} for r, a in zip(rows, answers)]
+    model_j = judge_komt(client, items)
+
+    def table(row: KomtRow) -> dict[str, Any]:
+        return {"n": row.n, "out_of": 5 * row.n, "sum": row.sum, "average": row.average,
+                "percentage": row.percentage, "unparsed": row.unparsed}
+
+    out = table(summarise_komt("model", model_j))
+    records = [{"id": j.id, "score": j.score, "judge": j.text} for j in model_j]
+    if rows and all(isinstance(r.get("answer"), str) for r in rows):
+        rec_items = [{"id": r.get("id"), "question": r["instruction"], "answer": r["answer"]} for r in rows]
+        rec_j = judge_komt(client, rec_items)
+        out["recorded"] = table(summarise_komt("recorded", rec_j))
+        for rec, j in zip(records, rec_j):
+            rec.update(recorded_score=j.score, recorded_judge=j.text)
+    return out, records
+
+
+def judge_alpagasus_set(
+    client: JudgeClient,
+    rows: Sequence[Mapping[str, Any]],
+    answers: Sequence[str],
+    baseline: Sequence[str],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """AlpaGasus pairwise judge on one prompt set, model vs recorded baseline, both orders.
+
+    Returns (table, per-item records): table = {n, out_of, win, tie, lose, parse_failures}.
+    """
+    items = [{"id": r.get("id"), "question": alpagasus_judge_question(r["instruction"], r.get("input", "")),
+              "model": a, "baseline": b} for r, a, b in zip(rows, answers, baseline)]
+    judgments = judge_alpagasus(client, items)
+    tally = tally_alpagasus(judgments)
+    table = {"n": tally.n, "out_of": tally.n, "win": tally.win, "tie": tally.tie, "lose": tally.lose,
+             "parse_failures": tally.parse_failures}
+    records = [{"id": j.id, "points": pair_points(j), "score_model_first": list(j.score_model_first),
+                "score_baseline_first": list(j.score_baseline_first), "judge_model_first": j.review_model_first,
+                "judge_baseline_first": j.review_baseline_first} for j in judgments]
+    return table, records
 
 
 # --------------------------------------------------------------------------------------------
