@@ -103,3 +103,17 @@ def test_sigkill_then_rerun_resumes_to_the_same_adapter(prepared, tmp_path):
     b = load_file(str(killed / "models/tiny/adapter/adapter_model.safetensors"))
     for k in a:  # tolerance: 1e-5 absolute; the resumed run restores RNG and data order exactly
         assert (a[k] - b[k]).abs().max() <= 1e-5, k
+
+
+@pytest.mark.slow
+def test_eval_during_4bit_cpu_training_keeps_the_gradient(prepared, monkeypatch):
+    """bitsandbytes repacks 4-bit weights for inference on an eval forward on the CPU; the
+    stage turns that off, or every step after the first eval would have a zero gradient with
+    LoRA on q/v only (seen with llama2-koalpaca's settings)."""
+    import csv
+
+    monkeypatch.setenv("QLORA_KIT_ROOT", str(prepared))
+    train.run(_recipe(**{"train.max_steps": 3, "train.eval_steps": 1, "lora.target_modules": ["q_proj", "v_proj"]}))
+    with open(prepared / "reports/tiny/train_log.csv") as f:
+        norms = [float(r["grad_norm"]) for r in csv.DictReader(f) if r["grad_norm"]]
+    assert len(norms) == 3 and min(norms) > 0.05, norms

@@ -29,8 +29,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "fetch": ("source", "model", "data", "quirks"),
     "preprocess": ("template", "preprocess", "quirks"),
     "train": ("model", "quant", "lora", "train", "quirks"),  # model: trust_remote_code, allow_pickle, dtype
-    "merge": ("model", "template", "quant", "merge", "quirks"),  # chat template; nf4-roundtrip needs the quant config
-    "quantize": ("quantize",),
+    "merge": ("source", "model", "data", "template", "quant", "merge", "quirks"),  # model card; nf4-roundtrip
+    "quantize": ("template", "eval", "quantize", "quirks"),  # chat template, Modelfile generation params
     "evaluate": ("model", "template", "eval", "expected", "quirks"),  # template: the inference prompt form
 }
 

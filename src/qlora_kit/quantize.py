@@ -1,28 +1,46 @@
-"""Quantize stage: GGUF export with llama.cpp's own converter and quantizer.
+"""Quantize stage: GGUF export with llama.cpp's own converter and quantizer, checked against HF.
 
     qlora-kit quantize --recipe tiny          (dvc: quantize@tiny)
 
-Reads `models/NAME/merged` (a Hugging Face folder: config.json, safetensors, tokenizer) and writes
-`models/NAME/gguf/model-<type>.gguf` for every type in `quantize.types` plus `manifest.json`:
+Reads `models/NAME/merged` (the merge stage's folder: safetensors, tokenizer with the recipe's chat
+template) and `data/NAME/processed`; writes `models/NAME/gguf/` (`model-<type>.gguf` and an Ollama
+`model-<type>.Modelfile` for every type in `quantize.types`, plus `manifest.json`) and
+`reports/NAME/gguf_parity.json`:
 
 1. `convert_hf_to_gguf.py --outtype f16` (llama.cpp's converter, installed from the pinned
-   llama-cpp-python sdist by `make setup`; see `converter.py`) -> `model-f16.gguf`;
+   llama-cpp-python sdist by `make setup`; see `converter.py`) -> `model-f16.gguf`. The converter
+   copies the merged folder's `chat_template.jinja` into `tokenizer.chat_template` and
+   `add_bos_token` (written explicitly by merge) into `tokenizer.ggml.add_bos_token`; the stage
+   checks both and the BOS/EOS ids against the recipe's tokenizer and fails on any difference.
 2. every other type (q8_0, q4_0, q4_k_m, q5_k_m, q6_k) from that f16 file with the binding's
-   `llama_model_quantize`, the same code as llama.cpp's `llama-quantize`;
+   `llama_model_quantize`, the same code as llama.cpp's `llama-quantize` (metadata is copied);
 3. each file read back with the sdist's `GGUFReader`: size, sha256, tensors per GGML type. The
    stage fails if a file lacks the tensor type it was asked for, or if llama.cpp fell back to
    another type for any weight (K-quants need rows that are multiples of 256; llama.cpp only warns
-   and quietly writes Q5_0/Q5_1/Q8_0 instead, which would make the size/quality table lie).
+   and quietly writes Q5_0/Q5_1/Q8_0 instead, which would make the size/quality table lie);
+4. parity per file on `quantize.parity_rows` validation rows (training rows where the recipe holds
+   none out): llama.cpp tokenizes the inference prompt exactly as HF does, BOS included as the GGUF
+   metadata says, through the plain prompt and through the embedded chat template (rendered by
+   llama-cpp-python's Jinja2ChatFormatter); the EOS text maps to the EOS id; mean KL divergence and
+   top-1 agreement of the next-token distributions vs the merged HF model (fp32) at every position;
+   perplexity on the completion tokens. `quantize.max_mean_kl` / `quantize.min_top1` gate each type.
+   Where the fp32 HF model does not fit in RAM, the f16 GGUF is the reference (and says so);
+5. an Ollama Modelfile beside each GGUF: its TEMPLATE (Go template syntax) renders the recipe's
+   inference prompt, PARAMETER stop the EOS text and `quantize.stop`, and the recipe's generation
+   settings (`eval`: greedy -> temperature 0; repeat_penalty, num_predict).
 
 Where this transformers version's configs or our own tokenizers trip the pinned converter, the
 converter wrapper applies a documented shim (GPT-NeoX `rotary_pct`, BPE pre-tokenizer
 registration; see `converter.py`); the ones that fired are recorded under `facts.shims`.
 
-The whole folder is written atomically: a failed conversion or check leaves no `gguf/` folder.
+The whole folder is written atomically: a failed conversion, check or parity gate leaves no `gguf/`
+folder (the parity report is still written, so the failure can be read).
 If `f16` is not among the requested types, the f16 file is an intermediate: hashed, then removed.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -49,7 +67,7 @@ FALLBACK_TYPES = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "F16", "BF16
 
 
 class QuantizeError(RuntimeError):
-    """A GGUF file is not what the recipe asked for."""
+    """A GGUF file is not what the recipe asked for, or does not behave like the merged model."""
 
 
 # --- quantize and read back ----------------------------------------------------------------------
@@ -104,9 +122,289 @@ def check_types(qtype: str, info: dict[str, Any]) -> dict[str, Any]:
     return check
 
 
+# --- metadata: what llama.cpp needs to prompt the model the way the recipe does ------------------
+
+def merged_chat_template(merged: Path) -> str:
+    """The chat template the merge stage wrote (transformers 5 saves it as chat_template.jinja)."""
+    jinja = merged / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    cfg = json.loads((merged / "tokenizer_config.json").read_text(encoding="utf-8"))
+    if isinstance(cfg.get("chat_template"), str):
+        return cfg["chat_template"]
+    raise DataError(f"{merged}: no chat template (chat_template.jinja); the folder was not written by "
+                    "`qlora-kit merge`")
+
+
+def check_metadata(path: Path, gguf: Any, want: dict[str, Any]) -> dict[str, Any]:
+    """The GGUF's prompt metadata equals the merged tokenizer's; raises QuantizeError naming keys."""
+    reader = gguf.GGUFReader(str(path))
+
+    def field(key: str) -> Any:
+        f = reader.get_field(key)
+        return f.contents() if f is not None else None
+
+    found = {k: field(k) for k in want}
+    wrong = {k: (want[k], found[k]) for k in want if found[k] != want[k]}
+    if wrong:
+        raise QuantizeError(f"{path.name}: metadata differs from the merged tokenizer: " + "; ".join(
+            f"{k} = {g!r:.200}, expected {w!r:.200}" for k, (w, g) in wrong.items()))
+    return {k: v for k, v in found.items() if k != "tokenizer.chat_template"} | {
+        "tokenizer.chat_template": f"{len(found['tokenizer.chat_template'])} chars, equal to the merged folder's"}
+
+
+def expected_metadata(recipe: Recipe, tok: Any, template: str) -> dict[str, Any]:
+    want: dict[str, Any] = {"tokenizer.chat_template": template, "tokenizer.ggml.eos_token_id": tok.eos_id,
+                            "tokenizer.ggml.add_bos_token": recipe.template.add_bos}
+    if recipe.template.add_bos:
+        want["tokenizer.ggml.bos_token_id"] = tok.bos_id
+    return want
+
+
+# --- Ollama Modelfile ----------------------------------------------------------------------------
+
+def go_template(recipe: Recipe, bos: str, eos: str) -> tuple[str, str | None, list[str]]:
+    """(TEMPLATE, SYSTEM or None, what the template cannot express) for Ollama.
+
+    Ollama renders TEMPLATE with the user's message as `.Prompt` and the Modelfile's SYSTEM as
+    `.System`, then tokenizes it adding BOS when the GGUF says add_bos_token; so BOS is not in
+    the template. Literal text is copied (a `{{` in it is escaped as a Go string).
+    """
+    from .templates import PLACEHOLDER
+
+    tpl = recipe.template
+    plain = tpl.inference_prompt if tpl.inference_prompt is not None else tpl.prompt
+    with_input = tpl.inference_prompt_with_input if tpl.inference_prompt is not None else tpl.prompt_with_input
+    out, pos, uses_system = [], 0, False
+
+    def literal(text: str) -> None:
+        out.append(text.replace("{{", '{{ "{{" }}'))
+
+    for m in PLACEHOLDER.finditer(plain):
+        literal(plain[pos:m.start()])
+        name = m.group(1)
+        if name == "instruction":
+            out.append("{{ .Prompt }}")
+        elif name == "system":
+            out.append("{{ .System }}")
+            uses_system = True
+        elif name in ("bos", "eos"):
+            literal(bos if name == "bos" else eos)
+        # input and output are empty in the no-input inference form
+        pos = m.end()
+    literal(plain[pos:])
+    body = "".join(out)
+    notes = []
+    if tpl.strip.get("instruction"):
+        notes.append(f"the recipe strips the instruction ({tpl.strip['instruction']}); Go templates cannot, "
+                     "so send it without surrounding whitespace")
+    if with_input is not None:
+        notes.append("the Alpaca `input` has no slot in Ollama's prompt: this is the no-input form (the HF "
+                     "chat template and the GGUF's embedded template take an `input` key on the message)")
+    system = tpl.system if uses_system else None
+    for what, text in (("TEMPLATE", body), ("SYSTEM", system or "")):
+        if '"""' in text:
+            raise QuantizeError(f"the recipe's {what} contains \"\"\", which a Modelfile cannot quote")
+    return body, system, notes
+
+
+def _param(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, str):
+        return f'"""{value}"""' if ('"' in value or "\n" in value) else f'"{value}"'
+    return str(value)
+
+
+def modelfile(recipe: Recipe, gguf_name: str, add_bos: bool, bos: str, eos: str) -> str:
+    """The Ollama Modelfile for one GGUF of this recipe."""
+    body, system, notes = go_template(recipe, bos, eos)
+    e = recipe.eval
+    stops = list(dict.fromkeys([eos, *recipe.quantize.stop]))
+    if any('"""' in s for s in stops):
+        raise QuantizeError(f"quantize.stop {stops}: a stop string with \"\"\" cannot be written in a Modelfile")
+    params: list[tuple[str, Any]] = [("stop", s) for s in stops]
+    if e.do_sample:
+        params += [("temperature", e.temperature), ("top_p", e.top_p), ("top_k", e.top_k)]
+    else:
+        params.append(("temperature", 0))  # the source decoded greedily
+    # always written: Ollama's own defaults (repeat_penalty 1.1, top_k 40, ...) differ from HF's
+    params += [("repeat_penalty", e.repetition_penalty), ("num_predict", e.max_new_tokens)]
+    L = [f"# Ollama Modelfile for {gguf_name}, written by `qlora-kit quantize --recipe {recipe.name}`.",
+         f"#   ollama create {recipe.name}-{gguf_name.removeprefix('model-').removesuffix('.gguf')} -f "
+         f"{gguf_name.removesuffix('.gguf')}.Modelfile",
+         "# TEMPLATE renders the recipe's inference prompt (`qlora-kit render` shows it); "
+         + (f"BOS {bos} is not in it: llama.cpp adds it (tokenizer.ggml.add_bos_token = true)."
+            if add_bos else "the model takes no BOS (tokenizer.ggml.add_bos_token = false)."),
+         "# Generation settings are the recipe's (eval section).",
+         *[f"# Note: {n}." for n in notes],
+         f"FROM ./{gguf_name}"]
+    if system is not None:
+        L.append(f'SYSTEM """{system}"""')
+    L.append(f'TEMPLATE """{body}"""')
+    L += [f"PARAMETER {k} {_param(v)}" for k, v in params]
+    return "\n".join(L) + "\n"
+
+
+# --- parity against the merged HF model ----------------------------------------------------------
+
+def log_softmax(x: Any) -> Any:
+    import numpy as np
+
+    x = np.asarray(x, dtype=np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def hf_reference(recipe: Recipe, merged: Path, rows: list[dict[str, Any]]) -> tuple[list | None, dict[str, Any]]:
+    """Log-probabilities of the merged model (fp32, CPU) at every position of every row, if it fits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .merge import fits_in_memory, tensor_shapes
+
+    n_params = sum(math.prod(s) for s, _ in tensor_shapes(merged).values())
+    ok, mem = fits_in_memory(n_params)
+    if not ok:
+        return None, {"hf": f"skipped: the fp32 model needs ~{mem['need_bytes'] / 2**30:.1f} GiB, "
+                            f"{mem['available_bytes'] / 2**30:.1f} GiB available", **mem}
+    man = json.loads((merged / "manifest.json").read_text()) if (merged / "manifest.json").is_file() else {}
+    trust = bool(man.get("config", {}).get("model", {}).get("trust_remote_code", False))
+    model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32, trust_remote_code=trust).eval()
+    out = []
+    with torch.no_grad():
+        for r in rows:
+            logits = model(input_ids=torch.tensor([r["input_ids"]])).logits[0].double()
+            out.append(torch.log_softmax(logits, -1).numpy())
+    del model
+    return out, {"hf": "merged model, fp32, transformers", **mem}
+
+
+def gguf_logprobs(llm: Any, rows: list[dict[str, Any]]) -> list:
+    import numpy as np
+
+    out = []
+    for r in rows:
+        ids = r["input_ids"]
+        llm.reset()
+        llm.eval(ids)
+        out.append(log_softmax(np.array(llm.scores[: len(ids)])))
+    return out
+
+
+def completion_ppl(logprobs: list, rows: list[dict[str, Any]]) -> float:
+    """exp(mean NLL) over the loss-bearing tokens (labels != -100), as evaluate measures loss."""
+    nll, n = 0.0, 0
+    for lp, r in zip(logprobs, rows):
+        for pos in range(len(r["input_ids"]) - 1):
+            tgt = r["labels"][pos + 1]
+            if tgt != -100:
+                nll -= float(lp[pos, tgt])
+                n += 1
+    return math.exp(min(nll / max(n, 1), 50.0))
+
+
+def distribution_parity(ref: list, got: list) -> dict[str, float]:
+    """Mean/max KL(ref || got) per position and the share of positions with the same top token."""
+    import numpy as np
+
+    kl = np.concatenate([(np.exp(p) * (p - q)).sum(-1) for p, q in zip(ref, got)])
+    top1 = np.concatenate([p.argmax(-1) == q.argmax(-1) for p, q in zip(ref, got)])
+    return {"positions": int(kl.size), "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
+            "top1_agreement": float(top1.mean())}
+
+
+def tokenization_parity(llm: Any, recipe: Recipe, tok: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """llama.cpp vs HF token ids on the inference prompts, BOS and EOS included.
+
+    - prompt: `render_inference` text tokenized by llama.cpp adding BOS as the GGUF metadata says,
+      vs the kit's ids (BOS id iff template.add_bos, then the text without special tokens added);
+    - chat: the GGUF's own chat template rendered by llama-cpp-python's Jinja2ChatFormatter and
+      tokenized as its chat completion does (no BOS added: the template carries it), same ids;
+    - eos: the EOS id is the recipe's, and the EOS text in a string tokenizes to it.
+    """
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from .templates import render_inference
+
+    # built the way Llama() builds its handler for a GGUF's template (token texts from the vocab)
+    fmt = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"],
+                              eos_token=llm._model.token_get_text(llm.token_eos()),
+                              bos_token=llm._model.token_get_text(llm.token_bos()) if llm.token_bos() >= 0 else "")
+    bos = [tok.bos_id] if recipe.template.add_bos else []
+    bad: list[dict[str, Any]] = []
+    for i, r in enumerate(rows):
+        text = render_inference(recipe.template, r, bos=tok.bos, eos=tok.eos)
+        want = bos + tok.encode(text)
+        got = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        chat = fmt(messages=[{"role": "user", "content": r["instruction"], "input": r.get("input", "")}]).prompt
+        got_chat = llm.tokenize(chat.encode("utf-8"), add_bos=False, special=True)
+        for kind, ids in (("prompt", got), ("chat_template", got_chat)):
+            if ids != want:
+                bad.append({"row": i, "via": kind, "text": text[:200], "hf": want[:64], "llama_cpp": ids[:64]})
+    eos_ok = (llm.token_eos() == tok.eos_id
+              and llm.tokenize(tok.eos.encode(), add_bos=False, special=True) == [tok.eos_id])
+    bos_ok = not recipe.template.add_bos or llm.token_bos() == tok.bos_id
+    return {"rows": len(rows), "mismatches": len(bad), "examples": bad[:3], "eos_id": llm.token_eos(),
+            "eos_ok": eos_ok, "bos_ok": bos_ok, "ok": not bad and eos_ok and bos_ok}
+
+
+def gguf_parity(recipe: Recipe, files: dict[str, Path], rows: list[dict[str, Any]], tok: Any,
+                hf_ref: list | None, f16: Path) -> dict[str, Any]:
+    """Tokenization and next-token parity of each GGUF in `files`; `f16` is the reference where
+    the HF model did not fit (`hf_ref` None)."""
+    from .gguf_runtime import open_gguf
+
+    q = recipe.quantize
+    n_ctx = max([512] + [len(r["input_ids"]) + 8 for r in rows])
+    ref, ref_name = hf_ref, "merged HF model (fp32)"
+    if ref is None:  # the HF model does not fit: the f16 GGUF stands in
+        with open_gguf(f16, n_ctx=n_ctx, logits_all=True) as llm:
+            ref = gguf_logprobs(llm, rows)
+        ref_name = "model-f16.gguf (the fp32 HF model does not fit in RAM)"
+    ref_ppl = completion_ppl(ref, rows)
+    out: dict[str, Any] = {}
+    for qtype, path in files.items():
+        with open_gguf(path, n_ctx=n_ctx, logits_all=True) as llm:
+            toks = tokenization_parity(llm, recipe, tok, rows)
+            got = gguf_logprobs(llm, rows)
+        ppl = completion_ppl(got, rows)
+        res: dict[str, Any] = {"tokenization": toks, **distribution_parity(ref, got), "ppl": ppl,
+                               "ppl_reference": ref_ppl, "ppl_ratio": ppl / ref_ppl,
+                               "max_mean_kl": q.max_mean_kl[qtype], "min_top1": q.min_top1[qtype]}
+        is_ref = hf_ref is None and qtype == "f16"
+        res["passed"] = toks["ok"] and (is_ref or (res["mean_kl"] <= res["max_mean_kl"]
+                                                   and res["top1_agreement"] >= res["min_top1"]))
+        if is_ref:
+            res["note"] = "the reference itself: KL/top-1 not gated"
+        out[qtype] = res
+    return {"reference": ref_name, "types": out, "passed": all(v["passed"] for v in out.values())}
+
+
+def _failures(report: dict[str, Any]) -> str:
+    msgs = []
+    for qtype, r in report["types"].items():
+        if r["passed"]:
+            continue
+        t = r["tokenization"]
+        if not t["ok"]:
+            msgs.append(f"{qtype}: llama.cpp tokenizes differently from HF ({t['mismatches']} prompt mismatches, "
+                        f"eos ok {t['eos_ok']}, bos ok {t['bos_ok']})")
+        if r["mean_kl"] > r["max_mean_kl"]:
+            msgs.append(f"{qtype}: mean KL {r['mean_kl']:.3g} > quantize.max_mean_kl.{qtype} {r['max_mean_kl']}")
+        if r["top1_agreement"] < r["min_top1"]:
+            msgs.append(f"{qtype}: top-1 agreement {r['top1_agreement']:.3f} < quantize.min_top1.{qtype} "
+                        f"{r['min_top1']}")
+    return "; ".join(msgs)
+
+
 def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     from . import converter, layout
     from .artifacts import StageRun, atomic_dir, sha256_file, write_json
+    from .merge import parity_rows
+    from .tokenizer import load_tokenizer
 
     paths = layout.paths(recipe.name)
     st = StageRun("quantize", recipe, overrides)
@@ -114,11 +412,20 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
     if not (merged / "config.json").is_file():
         raise DataError(f"{merged}: no merged model (config.json missing); run `qlora-kit merge --recipe "
                         f"{recipe.name}` first")
+    if not (paths.processed / "train.jsonl").is_file():
+        raise DataError(f"{paths.processed}: no processed data for the parity check; run `qlora-kit preprocess "
+                        f"--recipe {recipe.name}` first")
     types = list(dict.fromkeys(recipe.quantize.types))
     gguf = converter.import_gguf()  # fails early, with `make setup` advice, if not installed
     st.facts["converter"] = converter.source_info()
     st.add_input("merged", merged)
+    st.add_input("processed", paths.processed)
+    template = merged_chat_template(merged)
+    tok = load_tokenizer(merged, recipe.template)
+    rows, split = parity_rows(paths.processed, recipe.quantize.parity_rows)
     st.lap("hash_inputs")
+    hf_ref, ref_info = hf_reference(recipe, merged, rows)
+    st.lap("hf_reference")
 
     with atomic_dir(paths.gguf) as out:
         f16 = out / "model-f16.gguf"
@@ -127,6 +434,7 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
         st.facts["convert"] = conv
         # the converter shims (converter.py) that fired for this model, by name
         st.facts["shims"] = {k: conv[k] for k in ("hparams_patches", "pre_tokenizer_registration") if k in conv}
+        st.facts["metadata"] = check_metadata(f16, gguf, expected_metadata(recipe, tok, template))
         st.lap("convert_f16")
 
         files: dict[str, Any] = {}
@@ -139,12 +447,26 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
             info["check"] = check_types(qtype, info)
             del info["matrices"]  # per-tensor types only matter where the check names them
             files[qtype] = info
+        st.lap("verify")
+
+        report = gguf_parity(recipe, {t: out / f"model-{t}.gguf" for t in types}, rows, tok, hf_ref, f16)
+        report = {"rows": len(rows), "split": split, **ref_info, **report}
+        write_json(paths.reports / "gguf_parity.json", report)
+        st.lap("parity")
+        if not report["passed"]:
+            raise QuantizeError(f"GGUF parity failed: {_failures(report)} (see {paths.reports / 'gguf_parity.json'})")
+
+        for qtype in types:
+            name = f"model-{qtype}.gguf"
+            (out / f"model-{qtype}.Modelfile").write_text(
+                modelfile(recipe, name, recipe.template.add_bos, tok.bos, tok.eos), encoding="utf-8")
         if "f16" not in types:  # intermediate only: recorded, not shipped
             st.facts["intermediate"] = {"file": f16.name, "size_bytes": f16.stat().st_size,
                                         "sha256": sha256_file(f16)}
             f16.unlink()
-        st.lap("verify")
         st.facts["files"] = files
+        st.facts["parity"] = {t: {k: r[k] for k in ("mean_kl", "top1_agreement", "ppl", "passed")}
+                              for t, r in report["types"].items()}
         for qtype, info in files.items():
             print(f"quantize: {info['file']}: {info['size_bytes'] / 2**20:.1f} MiB, {info['tensor_types']}", flush=True)
         write_json(out / "manifest.json", st.manifest())
