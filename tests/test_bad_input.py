@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import BIN, kit_env, kit_root
+from conftest import BIN, CharTok, kit_env, kit_root
 from qlora_kit import fetch
 from qlora_kit.config import load_recipe
 from qlora_kit.preprocess import build
@@ -43,21 +43,6 @@ LENIENT = STRICT.model_copy(update={"on_bad_row": "drop"})
 RAW_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
-class CharTok:
-    """One id per character (BOS 1, EOS 2 for "</s>", pad 0): keeps these tests pure and fast."""
-
-    bos_id, eos_id, pad_id, bos, eos = 1, 2, 0, "<s>", "</s>"
-
-    def encode(self, text: str) -> list[int]:
-        out, i = [], 0
-        while i < len(text):
-            if text.startswith("</s>", i):
-                out.append(2)
-                i += 4
-            else:
-                out.append(3 + ord(text[i]) % 5000)
-                i += 1
-        return out
 
 
 TOK = CharTok()

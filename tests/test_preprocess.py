@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from conftest import CharTok
 from qlora_kit.config import Preprocess, Template
 from qlora_kit.preprocess import IGNORE, build, tokenize_example
 from qlora_kit.rows import DataError, read_rows
@@ -12,20 +13,6 @@ from qlora_kit.templates import render, substitute
 from qlora_kit.tokenizer import apply_policy
 
 
-class CharTok:
-    """A stand-in tokenizer: one id per character (BOS 1, EOS 2, pad 0) — keeps the core pure."""
-    bos_id, eos_id, pad_id, bos, eos = 1, 2, 0, "<s>", "</s>"
-
-    def encode(self, text: str) -> list[int]:
-        out, i = [], 0
-        while i < len(text):
-            if text.startswith("</s>", i):
-                out.append(2)
-                i += 4
-            else:
-                out.append(3 + ord(text[i]) % 5000)
-                i += 1
-        return out
 
 
 TPL = Template(prompt="Q: {instruction}\nA: ", prompt_with_input="Q: {instruction}\nIn: {input}\nA: ",
