@@ -199,8 +199,8 @@ def _kill_mid_quantize(root: Path, types: list[str]) -> dict:
         after = {"gguf_exists": (root / "models/tiny/gguf").exists(), "partials": [p.name for p in partials(root)],
                  "returncode": proc.returncode, "finished_early": finished_early, "seen": seen}
     finally:
-        # the converter runs in a child process of the stage; a killed stage leaves it orphaned
-        # (as an OOM kill would). End it so it does not outlive the test.
+        # the converter child gets SIGKILL with its parent (PR_SET_PDEATHSIG, converter.py);
+        # ending the group as well is a safety net on systems without it.
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -69,6 +69,18 @@ def install_dir(version: str | None = None) -> Path:
     return Path(sys.prefix) / "share" / "qlora-kit" / f"llama.cpp-{version or binding_version()}"
 
 
+def _die_with_parent() -> None:
+    """In the converter child: get SIGKILL when the stage process dies (Linux), so a killed
+    quantize leaves no orphan converter writing into the removed temporary folder."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except OSError:  # not Linux: best effort
+        pass
+
+
 def locate() -> Path:
     """The installed converter folder for the binding's version, or a clear error."""
     version = binding_version()
@@ -249,7 +261,7 @@ def convert(model_dir: Path, outfile: Path, outtype: str = "f16", model_name: st
         tail: deque[str] = deque(maxlen=40)
         # streamed, not captured: converting a 13B model takes many minutes and logs each tensor
         with subprocess.Popen(cmd, env=child_env(d), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, encoding="utf-8", errors="replace") as proc:
+                              text=True, encoding="utf-8", errors="replace", preexec_fn=_die_with_parent) as proc:
             for line in proc.stdout:  # type: ignore[union-attr]
                 sys.stderr.write(line)
                 tail.append(line.rstrip("\n"))
