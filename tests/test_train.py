@@ -73,7 +73,7 @@ def test_same_seed_same_adapter(prepared, monkeypatch):
 def test_sigkill_then_rerun_resumes_to_the_same_adapter(prepared, tmp_path):
     import shutil
 
-    over = ["--set", "data.limit=160", "--set", "train.save_steps=3", "--set", "train.max_steps=9",
+    over = ["--set", "data.limit=160", "--set", "train.save_steps=3", "--set", "train.max_steps=40",
             "--set", "train.eval_steps=0", "--set", "train.warmup_steps=0"]
     # an uninterrupted reference run in its own root
     ref = tmp_path / "ref"
@@ -90,15 +90,15 @@ def test_sigkill_then_rerun_resumes_to_the_same_adapter(prepared, tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and not list(ckpts.glob("*/checkpoint-3/adapter_model.safetensors")):
         assert proc.poll() is None, "training ended before it could be killed"
-        time.sleep(0.2)
-    time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # at once: on a quiet machine the remaining steps take seconds
     proc.wait()
     assert not (killed / "models/tiny/adapter").exists()  # nothing that looks complete
     res = subprocess.run(["qlora-kit", "train", "--recipe", "tiny", *over], env=kit_env(killed), check=True,
                          capture_output=True, text=True)
     man = json.loads((killed / "models/tiny/adapter/manifest.json").read_text())
-    assert man["facts"]["resumed_from"] in ("checkpoint-3", "checkpoint-6"), res.stdout
+    resumed = man["facts"]["resumed_from"] or ""
+    assert resumed.startswith("checkpoint-") and int(resumed.split("-")[1]) < 40, res.stdout
     a = load_file(str(ref / "models/tiny/adapter/adapter_model.safetensors"))
     b = load_file(str(killed / "models/tiny/adapter/adapter_model.safetensors"))
     for k in a:  # tolerance: 1e-5 absolute; the resumed run restores RNG and data order exactly
