@@ -117,3 +117,18 @@ def test_eval_during_4bit_cpu_training_keeps_the_gradient(prepared, monkeypatch)
     with open(prepared / "reports/tiny/train_log.csv") as f:
         norms = [float(r["grad_norm"]) for r in csv.DictReader(f) if r["grad_norm"]]
     assert len(norms) == 3 and min(norms) > 0.05, norms
+
+
+def test_an_incomplete_checkpoint_is_never_resumed(tmp_path):
+    """A SIGKILL while the Trainer writes checkpoint-6 leaves it without trainer_state.json:
+    resume from checkpoint-3 and drop the broken folder."""
+    for n, complete in ((3, True), (6, False)):
+        d = tmp_path / f"checkpoint-{n}"
+        d.mkdir()
+        (d / "adapter_model.safetensors").write_bytes(b"x")
+        if complete:
+            for f in train.CHECKPOINT_FILES + ("rng_state.pth",):
+                (d / f).write_bytes(b"x")
+    assert train.last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-3")
+    assert not (tmp_path / "checkpoint-6").exists()
+    assert train.last_complete_checkpoint(tmp_path / "absent") is None

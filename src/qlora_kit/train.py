@@ -171,6 +171,29 @@ def rank_batch(per_device_batch: int, grad_accum: int, world: int) -> tuple[int,
         "per_device_batch is divisible by it); use a world size that divides one of them")
 
 
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+
+
+def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
+    """The newest checkpoint the Trainer finished writing, or None.
+
+    The Trainer writes a checkpoint file by file, trainer_state.json among the last; a SIGKILL
+    in the middle leaves a folder that `get_last_checkpoint` would pick and `train()` then fails
+    to resume from. Incomplete folders are removed so they cannot be picked later either.
+    """
+    import shutil
+
+    if not Path(ckpt_dir).is_dir():
+        return None
+    found = sorted((int(p.name.split("-")[1]), p) for p in Path(ckpt_dir).glob("checkpoint-*")
+                   if p.is_dir() and p.name.split("-")[1].isdigit())
+    for _, p in reversed(found):
+        if all((p / f).is_file() for f in CHECKPOINT_FILES) and any(p.glob("rng_state*.pth")):
+            return str(p)
+        shutil.rmtree(p, ignore_errors=True)  # incomplete: written when the run was killed
+    return None
+
+
 def derived_numbers(n_train: int, recipe: Recipe, world: int, mean_tokens: float) -> dict[str, Any]:
     """What the Trainer will do, computed up front (transformers 5 Trainer semantics).
 
@@ -375,7 +398,6 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import Trainer, TrainingArguments, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from . import layout
     from .artifacts import StageRun, atomic_dir, hash_tree, write_json
@@ -436,7 +458,7 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
     key = run_key(recipe, data_hash, world)
     ckpt_dir = paths.checkpoints / key
     paths.checkpoints.mkdir(parents=True, exist_ok=True)  # a DVC out (persist) even with no checkpoints
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    last = last_complete_checkpoint(ckpt_dir)
     log_csv = paths.reports / "train_log.csv"
     if last is None and rank == 0 and log_csv.exists():
         log_csv.unlink()  # a fresh run starts a fresh curve; a resumed one appends
