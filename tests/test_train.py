@@ -88,7 +88,9 @@ def test_sigkill_then_rerun_resumes_to_the_same_adapter(prepared, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ckpts = killed / "models/tiny/checkpoints"
     deadline = time.time() + 300
-    while time.time() < deadline and not list(ckpts.glob("*/checkpoint-3/adapter_model.safetensors")):
+    # kill once checkpoint-3 is complete (trainer_state.json is written last); the run is then
+    # usually writing checkpoint-6, which the rerun must drop (last_complete_checkpoint)
+    while time.time() < deadline and not list(ckpts.glob("*/checkpoint-3/trainer_state.json")):
         assert proc.poll() is None, "training ended before it could be killed"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # at once: on a quiet machine the remaining steps take seconds
