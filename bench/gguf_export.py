@@ -50,9 +50,8 @@ def build_checkpoint(out: Path, layers: int, hidden: int, intermediate: int, hea
     """Random fp16 LlamaForCausalLM weights in safetensors shards + a kit-built Llama tokenizer
     (`tokenizer_dir`, a folder written by `qlora_kit.tiny_model.build`; built here when None).
     The model's vocabulary is max(vocab, the tokenizer's)."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from random_checkpoint import write_random_llama
+    from transformers import LlamaConfig
 
     from qlora_kit.tiny_data import generate
     from qlora_kit.tiny_model import build, sample_texts
@@ -72,34 +71,8 @@ def build_checkpoint(out: Path, layers: int, hidden: int, intermediate: int, hea
                       max_position_embeddings=2048, bos_token_id=tok_cfg["bos_token_id"],
                       eos_token_id=tok_cfg["eos_token_id"], dtype="float16")
     cfg.architectures = ["LlamaForCausalLM"]  # the converter picks its model class from this
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg).state_dict().items()}
-    cfg.save_pretrained(str(out))
-    gen = torch.Generator().manual_seed(seed)
-    groups: list[list[str]] = [[]]
-    size = 0
-    for k, shape in shapes.items():
-        n = 2 * int(torch.tensor(shape).prod())
-        if groups[-1] and size + n > shard_mb << 20:
-            groups.append([])
-            size = 0
-        groups[-1].append(k)
-        size += n
-    weight_map, total = {}, 0
-    for i, keys in enumerate(groups, 1):
-        name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {}
-        for k in keys:
-            t = torch.ones(shapes[k]) if k.endswith("norm.weight") else torch.randn(shapes[k], generator=gen) * 0.02
-            tensors[k] = t.to(torch.float16)
-            weight_map[k] = name
-            total += tensors[k].numel() * 2
-        save_file(tensors, str(out / name), metadata={"format": "pt"})
-        del tensors
-    (out / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    return {"params": sum(int(torch.tensor(s).prod()) for s in shapes.values()), "bytes": total,
-            "shards": len(groups), "vocab": vocab, "tokenizer_vocab": tok_cfg["vocab_size"]}
+    info = write_random_llama(out, cfg, shard_mb, seed)
+    return {**info, "vocab": vocab, "tokenizer_vocab": tok_cfg["vocab_size"]}
 
 
 def run_measured(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:

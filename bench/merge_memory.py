@@ -49,41 +49,15 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 def build_base(out: Path, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int,
                shard_mb: int, seed: int = 0) -> dict:
     """A LlamaForCausalLM checkpoint with random fp16 weights, written shard by shard."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
+
+    from random_checkpoint import write_random_llama
 
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=False,
                       max_position_embeddings=2048, dtype="float16")
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg).state_dict().items()}
     out.mkdir(parents=True)
-    cfg.save_pretrained(str(out))
-    gen = torch.Generator().manual_seed(seed)
-    groups, cur, size = [], [], 0
-    for k, shape in shapes.items():
-        n = 2 * int(torch.tensor(shape).prod())
-        if cur and size + n > shard_mb << 20:
-            groups.append(cur)
-            cur, size = [], 0
-        cur.append(k)
-        size += n
-    groups.append(cur)
-    weight_map, total = {}, 0
-    for i, keys in enumerate(groups, 1):
-        name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {}
-        for k in keys:
-            t = torch.ones(shapes[k]) if k.endswith("norm.weight") else torch.randn(shapes[k], generator=gen) * 0.02
-            tensors[k] = t.to(torch.float16)
-            weight_map[k] = name
-            total += tensors[k].numel() * 2
-        save_file(tensors, str(out / name), metadata={"format": "pt"})
-        del tensors
-    (out / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    return {"params": sum(int(torch.tensor(s).prod()) for s in shapes.values()), "bytes": total, "shards": len(groups)}
+    return write_random_llama(out, cfg, shard_mb, seed)
 
 
 def build_adapter(out: Path, base: Path, r: int = 8, alpha: int = 16, seed: int = 1) -> None:
