@@ -26,7 +26,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 STAGES := fetch preprocess train merge quantize evaluate
 
-.PHONY: help setup reproduce test bench gpu-smoke clean $(STAGES)
+.PHONY: help setup reproduce test test-fast bench gpu-smoke clean $(STAGES)
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -43,7 +43,7 @@ $(STAMP): requirements.lock pyproject.toml
 	sed '/^# --- cuda/,$$d' requirements.lock > $(VENV)/requirements.cpu.txt
 	$(BIN)/python -m pip install -q -r $(VENV)/requirements.cpu.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
-	$(BIN)/python -m qlora_kit.converter install
+	$(BIN)/python -m qlora_kit.gguf.converter install
 	touch $@
 endif
 
@@ -60,6 +60,9 @@ $(STAGES): $(STAMP) ## (each stage) run one stage of RECIPE and what it needs: m
 
 test: $(STAMP) ## the CI suite: every recipe on a tiny model, on the CPU
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP) ## the unit tier only (tests/unit): the edit loop, about two minutes
+	$(BIN)/python -m pytest -q tests/unit
 
 bench: $(STAMP) ## performance benchmarks (not part of make test); results in bench/README.md
 	$(BIN)/python bench/run_all.py

@@ -6,12 +6,12 @@
 Builds a Llama-shaped checkpoint with random fp16 weights (the shape bench/merge_memory.py uses:
 22 layers, hidden 2048, intermediate 5632, 32 heads / 4 KV heads, vocab 32000; sharded
 safetensors with an index) and puts the kit's tiny sentencepiece tokenizer beside it
-(`qlora_kit.tiny_model`; llama.cpp's converter pads the vocabulary up to the model's with
+(`qlora_kit.tiny.model`; llama.cpp's converter pads the vocabulary up to the model's with
 [PAD] tokens, as it does for any checkpoint whose tokenizer is smaller than its embedding).
 Then runs, each step in its own fresh process, in the order the quantize stage runs them:
 
 - `f16`: `convert_hf_to_gguf.py --outtype f16` (lazy, the default), through the kit's wrapper
-  child (`python -m qlora_kit.converter _run`, exactly what `converter.convert` starts);
+  child (`python -m qlora_kit.gguf.converter _run`, exactly what `converter.convert` starts);
 - `q8_0`, `q4_k_m`: `qlora_kit.quantize.quantize_file` from that f16 file (the binding's
   `llama_model_quantize`, the code behind `llama-quantize`);
 - `q8_0_direct`: the alternative route to q8_0 that skips the f16 file: the converter's own
@@ -53,8 +53,8 @@ def build_checkpoint(out: Path, layers: int, hidden: int, intermediate: int, hea
     from random_checkpoint import write_random_llama
     from transformers import LlamaConfig
 
-    from qlora_kit.tiny_data import generate
-    from qlora_kit.tiny_model import build, sample_texts
+    from qlora_kit.tiny.data import generate
+    from qlora_kit.tiny.model import build, sample_texts
 
     tiny = Path(tokenizer_dir) if tokenizer_dir else out.parent / (out.name + "-tok")
     if tokenizer_dir is None:
@@ -119,10 +119,10 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
 
 
 def steps(model: Path, work: Path, no_lazy: bool) -> list[tuple[str, list[str], Path]]:
-    from qlora_kit.converter import locate
+    from qlora_kit.gguf.converter import locate
 
     locate()  # a clear error now if the converter is not installed
-    conv = [sys.executable, "-m", "qlora_kit.converter", "_run", "--report", str(work / "report.json"), "--",
+    conv = [sys.executable, "-m", "qlora_kit.gguf.converter", "_run", "--report", str(work / "report.json"), "--",
             str(model), "--outfile"]
     quant = [sys.executable, "-c",
              "import sys; from pathlib import Path; from qlora_kit.quantize import quantize_file; "
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated steps to run (f16 first if others need it)")
     ap.add_argument("--no-readme", action="store_true", help="do not write the table into bench/README.md")
     ap.add_argument("--tokenizer", type=Path, default=None,
-                    help="a folder written by qlora_kit.tiny_model (its tokenizer is used; default: build one)")
+                    help="a folder written by qlora_kit.tiny.model (its tokenizer is used; default: build one)")
     ap.add_argument("--build-only", nargs=7, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.build_only:
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         a.layers, a.hidden, a.intermediate, a.heads, a.kv_heads, a.vocab = 2, 256, 512, 4, 4, 0
 
-    from qlora_kit.converter import ConverterError, child_env, locate
+    from qlora_kit.gguf.converter import ConverterError, child_env, locate
 
     try:
         conv_dir = locate()

@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         preprocess.run(r)
         results = []
         for bits in (4, 8):
-            rb = load_recipe("tiny", {**base, "quant.bits": bits, "quant.double_quant": bits == 4,
-                                      "quant.compute_dtype": "bfloat16" if cuda else "float32"})
+            rb = load_recipe("tiny", {**base, "qlora.bits": bits, "qlora.double_quant": bits == 4,
+                                      "qlora.compute_dtype": "bfloat16" if cuda else "float32"})
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()

@@ -8,7 +8,7 @@ The model has Llama-2-7B's shape (32 layers, hidden 4096, intermediate 11008, 32
 32000) and random fp16 weights, written once as sharded safetensors into --workdir (13.5 GB;
 no download, no gated repo) and loaded in 4-bit by `qlora_kit.train.load_base`, the kit's own
 path (NF4 + double quantization, bf16 compute). The tokenizer is a 32000-piece sentencepiece
-BPE the kit trains on the data (`qlora_kit.tiny_model`), so sequence lengths are of the order
+BPE the kit trains on the data (`qlora_kit.tiny.model`), so sequence lengths are of the order
 of Llama-2's. Data: gpt4life's claude_t45.json from ../shared/data when present, else the kit's
 shipped sample (smaller, shorter rows; the result file says which), rendered with the
 alpagasus2 template and cut at the cutoff by `qlora_kit.preprocess.build`.
@@ -144,18 +144,18 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown variants {sorted(unknown)} (known: {', '.join(VARIANTS)})")
 
     from qlora_kit.config import load_recipe
-    from qlora_kit.preprocess import build as build_examples
-    from qlora_kit.rows import SourceRow, read_rows
-    from qlora_kit.tiny_data import generate
-    from qlora_kit.tiny_model import sample_texts
-    from qlora_kit.tokenizer import load_tokenizer
+    from qlora_kit.text.examples import build as build_examples
+    from qlora_kit.text.rows import SourceRow, read_rows
+    from qlora_kit.tiny.data import generate
+    from qlora_kit.tiny.model import sample_texts
+    from qlora_kit.text.tokenizer import load_tokenizer
 
     if a.data.is_file():
         rows, data_name = list(read_rows(a.data, "json")), a.data.name
     else:
         rows = [SourceRow("tiny-sample", i + 1, {k: r.get(k, "") for k in ("instruction", "input", "output")})
                 for i, r in enumerate(generate(0))]
-        data_name = "the kit's shipped sample (qlora_kit.tiny_data; ../shared/data absent)"
+        data_name = "the kit's shipped sample (qlora_kit.tiny.data; ../shared/data absent)"
     if a.dry_run:
         rows = rows[:48]
     good = [r.fields for r in rows if r.fields and not r.problem]
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                     recipe = load_recipe("alpagasus2", {
                         "preprocess.max_length": cutoff, "train.per_device_batch": mb, "train.grad_accum": ga,
                         "train.gradient_checkpointing": ckpt_on, "train.device": device,
-                        "quant.double_quant": True, "quant.compute_dtype": "float32" if a.dry_run else "bfloat16",
+                        "qlora.double_quant": True, "qlora.compute_dtype": "float32" if a.dry_run else "bfloat16",
                         "train.precision": "fp32" if a.dry_run else "bf16", "train.optimizer": "adamw_torch"})
                     try:
                         r = tt.one_run(v, recipe, ckpt, train_rows, tok.pad_id, steps, Path(tmp) / v,

@@ -8,8 +8,8 @@ Builds a Llama-shaped model with random fp16 weights in several safetensors shar
 index, as hub checkpoints come) and a random rank-8 LoRA adapter on q/k/v/o_proj, then merges it
 twice, each merge in its own fresh subprocess so the figures do not mix:
 
-- `shardwise`: `qlora_kit.merge.merge_shardwise`, the code the merge stage runs by default;
-- `peft`: `qlora_kit.merge.merge_peft` (`merge.method: peft`): the whole model loaded, peft's
+- `shardwise`: `qlora_kit.lora_merge.merge_shardwise`, the code the merge stage runs by default;
+- `peft`: `qlora_kit.lora_merge.merge_peft` (`merge.method: peft`): the whole model loaded, peft's
   `merge_and_unload()`, written in the base's sharding.
 
 Both write fp16 (`merge.dtype: float16`) from the `original` base. Peak RSS is the child's own
@@ -37,6 +37,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from qlora_kit.weights import lora_merge
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
@@ -96,7 +97,6 @@ def child(method: str, base: Path, adapter: Path, out: Path) -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    from qlora_kit import merge
     from qlora_kit.config import load_recipe
 
     after_imports = vm_kib("VmRSS") / 1024
@@ -104,9 +104,9 @@ def child(method: str, base: Path, adapter: Path, out: Path) -> None:
     out.mkdir(parents=True)
     t0 = time.perf_counter()
     if method == "shardwise":
-        merge.merge_shardwise(recipe, base, merge.read_adapter(adapter), out)
+        lora_merge.merge_shardwise(recipe, base, lora_merge.read_adapter(adapter), out)
     else:
-        merge.merge_peft(recipe, base, adapter, out)
+        lora_merge.merge_peft(recipe, base, adapter, out)
     seconds = time.perf_counter() - t0
     peak = vm_kib("VmHWM") / 1024
     ru_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

@@ -7,7 +7,7 @@ For each data set (read in place from ../shared/data; one that is absent is skip
 claude_t45 and random_9k with the alpagasus2 recipe (joint tokenization, full-text loss, cutoff
 256), the KoAlpaca sample with llama2-koalpaca (separate tokenization, completion loss, drop over
 1024) and with polyglot-koalpaca (GPT-NeoX byte-level BPE). The tokenizers are the kit's own tiny
-ones (`qlora_kit.tiny_model`, trained on the shipped sample): no download; rows/s depends on the
+ones (`qlora_kit.tiny.model`, trained on the shipped sample): no download; rows/s depends on the
 tokenizer's speed, which is that of the `tokenizers` library whatever the vocabulary.
 
 Three figures per data set, each the median of `--repeats` runs:
@@ -53,8 +53,8 @@ DATASETS = {
 
 def tokenizers(workdir: Path, archs: set[str]) -> dict[str, Path]:
     """The kit's tiny llama and gpt_neox folders (tokenizer included), built once into workdir."""
-    from qlora_kit.tiny_data import generate
-    from qlora_kit.tiny_model import build, sample_texts
+    from qlora_kit.tiny.data import generate
+    from qlora_kit.tiny.model import build, sample_texts
 
     out = {}
     for arch in sorted(archs):
@@ -69,10 +69,10 @@ def child(name: str, tok_dir: Path, limit: int | None) -> dict[str, Any]:
     """One cold measurement; run in a fresh process. Times are from interpreter start."""
     t_imp0 = time.perf_counter()
     from qlora_kit.config import load_recipe
-    from qlora_kit.preprocess import build
-    from qlora_kit.rows import read_rows
-    from qlora_kit.templates import render
-    from qlora_kit.tokenizer import load_tokenizer
+    from qlora_kit.text.examples import build
+    from qlora_kit.text.rows import read_rows
+    from qlora_kit.text.templates import render
+    from qlora_kit.text.tokenizer import load_tokenizer
 
     import transformers  # noqa: F401  (load_tokenizer imports it lazily; counted as import time)
 
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke: claude_t45 only, 1 repeat, 200 rows")
     ap.add_argument("--no-readme", action="store_true", help="do not write the table into bench/README.md")
     ap.add_argument("--tokenizer", type=Path, default=None,
-                    help="a Llama folder written by qlora_kit.tiny_model to use instead of building one")
+                    help="a Llama folder written by qlora_kit.tiny.model to use instead of building one")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tok", type=Path, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)

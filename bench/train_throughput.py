@@ -17,9 +17,9 @@ all of them alike:
 
 - `source_pad_to_cutoff`: every micro-batch padded to the cutoff (`padding="max_length"`), the
   sources' way; random sampler.
-- `kit_dynamic`: padded to the longest example of the micro-batch (`train.Collator`, the kit's
+- `kit_dynamic`: padded to the longest example of the micro-batch (`collate.Collator`, the kit's
   default); the same sampler, so the same examples form every step.
-- `kit_padding_free`: `train.packing: true` (`train.PaddingFreeCollator`): the micro-batch's
+- `kit_padding_free`: `train.packing: true` (`collate.PaddingFreeCollator`): the micro-batch's
   examples side by side in one row with position_ids restarting per example, no padding and no
   cross-attention; the same examples form every step.
 - `kit_grouped`: dynamic padding + `train.group_by_length: true` (transformers'
@@ -53,6 +53,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from qlora_kit.training import collate
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -67,7 +68,7 @@ class PadToCutoff:
     """The sources' batches: every row padded to the cutoff, labels -100 and attention 0 on pads."""
 
     def __init__(self, pad_id: int, cutoff: int):
-        from qlora_kit.train import Collator
+        from qlora_kit.training.collate import Collator
 
         self.inner, self.cutoff = Collator(pad_id), cutoff
 
@@ -99,7 +100,7 @@ def sequences(kw: dict[str, Any]) -> list[tuple[int, ...]]:
 def build_model(workdir: Path, texts: list[str], shape: dict[str, int]) -> Path:
     """The kit's own Llama-shaped model + tokenizer, cached per shape in workdir."""
     from qlora_kit.config import TinyModel
-    from qlora_kit.tiny_model import build
+    from qlora_kit.tiny.model import build
 
     key = hashlib.sha256(json.dumps([shape, len(texts), texts[:3]], sort_keys=True).encode()).hexdigest()[:12]
     out = workdir / f"model-{key}"
@@ -110,8 +111,8 @@ def build_model(workdir: Path, texts: list[str], shape: dict[str, int]) -> Path:
     return out
 
 
-# variant -> (batching, sampler). "cutoff" = the sources' pad-to-cutoff, "dynamic" = train.Collator,
-# "padding_free" = train.PaddingFreeCollator (train.packing: true).
+# variant -> (batching, sampler). "cutoff" = the sources' pad-to-cutoff, "dynamic" = collate.Collator,
+# "padding_free" = collate.PaddingFreeCollator (train.packing: true).
 VARIANT_SPECS = {"source_pad_to_cutoff": ("cutoff", "random"), "kit_dynamic": ("dynamic", "random"),
                  "kit_padding_free": ("padding_free", "random"), "kit_grouped": ("dynamic", "group_by_length")}
 
@@ -138,16 +139,16 @@ def one_run(variant: str, recipe, model_dir: Path, train_rows: list[dict], pad_i
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     model = train.load_base(recipe, model_dir, device)
-    if recipe.quant.bits in (4, 8):
+    if recipe.qlora.bits in (4, 8):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
     elif t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     model = get_peft_model(model, train.lora_config(recipe))
-    collator = {"cutoff": PadToCutoff(pad_id, recipe.preprocess.max_length), "dynamic": train.Collator(pad_id),
-                "padding_free": train.PaddingFreeCollator()}[batching]
+    collator = {"cutoff": PadToCutoff(pad_id, recipe.preprocess.max_length), "dynamic": collate.Collator(pad_id),
+                "padding_free": collate.PaddingFreeCollator()}[batching]
     if batching == "padding_free":
-        train.check_padding_free(model, train_rows)  # what train.run does before step 0
+        collate.check_padding_free(model, train_rows)  # what train.run does before step 0
 
     per_fwd: list[dict[str, Any]] = []
 
@@ -347,10 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from qlora_kit.config import load_recipe
-    from qlora_kit.preprocess import build as build_examples
-    from qlora_kit.rows import read_rows
-    from qlora_kit.tiny_model import sample_texts
-    from qlora_kit.tokenizer import load_tokenizer
+    from qlora_kit.text.examples import build as build_examples
+    from qlora_kit.text.rows import read_rows
+    from qlora_kit.tiny.model import sample_texts
+    from qlora_kit.text.tokenizer import load_tokenizer
 
     load_before = os.getloadavg()
     t0 = time.perf_counter()
@@ -361,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = a.model or build_model(a.workdir, sample_texts(good), shape)
     recipe = load_recipe("alpagasus2", {
         "preprocess.max_length": a.cutoff, "train.per_device_batch": a.batch, "train.grad_accum": 1,
-        "train.device": "cpu", "quant.bits": a.bits, "quant.double_quant": False,
+        "train.device": "cpu", "qlora.bits": a.bits, "qlora.double_quant": False,
         "train.gradient_checkpointing": not a.no_gradient_checkpointing})
     tok = load_tokenizer(model_dir, recipe.template)
     parts, report = build_examples(rows, tok, recipe.template, recipe.preprocess)
@@ -393,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         "setup": {"data": str(a.data.relative_to(SHARED_DATA) if a.data.is_relative_to(SHARED_DATA) else a.data),
                   "rows_in": report.rows_in, "train_rows": len(train_rows), "cutoff": a.cutoff, "batch": a.batch,
                   "grad_accum": 1, "steps_per_run": a.steps, "timed_steps": a.steps - 1, "repeats": a.repeats,
-                  "bits": a.bits, "compute_dtype": recipe.quant.compute_dtype,
+                  "bits": a.bits, "compute_dtype": recipe.qlora.compute_dtype,
                   "gradient_checkpointing": recipe.train.gradient_checkpointing,
                   "lora": {"r": recipe.lora.r, "alpha": recipe.lora.alpha, "targets": list(recipe.lora.target_modules)},
                   "model": {"hidden": h, "layers": L, "intermediate": I, "heads": cfg["num_attention_heads"], "vocab": V,

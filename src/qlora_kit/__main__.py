@@ -1,4 +1,4 @@
 """`python -m qlora_kit` == the `qlora-kit` console script."""
-from .cli import main
+from qlora_kit.cli import main
 
 raise SystemExit(main())

@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import Recipe
+from qlora_kit.config import Recipe
 
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "trl", "accelerate", "datasets",
             "huggingface-hub", "sentencepiece", "tokenizers", "safetensors", "llama-cpp-python", "dvc")
@@ -141,3 +141,45 @@ class StageRun:
                      "cpus": os.cpu_count(), "argv0": Path(sys.argv[0]).name},
             "timings_s": {**self.timings, "total": round(time.time() - self.started, 3)},
         }
+
+
+
+
+KEY_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "trl", "accelerate", "datasets",
+                "tokenizers", "llama-cpp-python", "lm-eval", "dvc")
+
+
+def environment() -> dict[str, Any]:
+    """What ran this evaluation: every installed distribution, platform and device, and a
+    fingerprint (sha256 of all of it) that changes whenever any of them does."""
+    import hashlib
+    import os
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    pkgs = sorted({f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions()
+                   if d.metadata and d.metadata["Name"]}, key=str.lower)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    env = {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
+           "cpus": os.cpu_count(), "device": device,
+           "cuda": torch.version.cuda or "none"}
+    versions = {}
+    for name in KEY_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    blob = json.dumps({"packages": pkgs, **{k: env[k] for k in ("python", "platform", "device", "cuda")}},
+                      sort_keys=True)
+    return {"fingerprint": hashlib.sha256(blob.encode()).hexdigest()[:16], **env, "packages": versions,
+            "all_packages": pkgs}

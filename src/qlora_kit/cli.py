@@ -13,8 +13,9 @@ import importlib
 import os
 import sys
 
-from .config import STAGE_SECTIONS, RecipeError, load_recipe, parse_overrides
-from .rows import DataError
+from qlora_kit.config import STAGE_SECTIONS, RecipeError, load_recipe, parse_overrides
+from qlora_kit.errors import DataError
+from qlora_kit.judge import replay as judge_replay
 
 STAGES = tuple(STAGE_SECTIONS)
 STAGE_HELP = {
@@ -47,11 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--limit", type=int, default=None)
     r.add_argument("--show-loss", action="store_true", help="also tokenize and mark which tokens carry loss")
     r.add_argument("--tokenizer", help="tokenizer folder for --show-loss (default models/NAME/base)")
-    try:
-        from . import judge
-        judge.add_cli(sub)
-    except ImportError:  # judge lands separately; the stages do not depend on it
-        pass
+    judge_replay.add_cli(sub)
     return ap
 
 
@@ -59,7 +56,7 @@ def _enable(args: argparse.Namespace) -> int:
     """Add a recipe to params.yaml so dvc.yaml's foreach covers it (after strict validation)."""
     import yaml
 
-    from .layout import root
+    from qlora_kit.layout import root
 
     load_recipe(args.recipe)
     params = root() / "params.yaml"
@@ -85,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides = parse_overrides(args.overrides)
             recipe = load_recipe(args.recipe, overrides)  # validated before anything is written
             if args.command == "render":
-                from .render import run as render_run
+                from qlora_kit.text.render import run as render_run
                 return render_run(recipe, args)
             module = importlib.import_module(f"qlora_kit.{args.command}")
             module.run(recipe, overrides)

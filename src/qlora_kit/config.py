@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .layout import root
+from qlora_kit.layout import root
 
 # Which recipe sections each stage reads. dvc.yaml's `params` must list exactly these
 # (tests/test_dvc_pipeline.py checks it). `quirks` is listed wherever a quirk switch can change
@@ -28,8 +28,8 @@ from .layout import root
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "fetch": ("source", "model", "data", "quirks"),
     "preprocess": ("template", "preprocess", "quirks"),
-    "train": ("model", "quant", "lora", "train", "quirks"),  # model: trust_remote_code, allow_pickle, dtype
-    "merge": ("source", "model", "data", "template", "quant", "merge", "quirks"),  # model card; nf4-roundtrip
+    "train": ("model", "qlora", "lora", "train", "quirks"),  # model: trust_remote_code, allow_pickle, dtype
+    "merge": ("source", "model", "data", "template", "qlora", "merge", "quirks"),  # model card; nf4-roundtrip
     "quantize": ("template", "eval", "quantize", "quirks"),  # chat template, Modelfile generation params
     "evaluate": ("model", "template", "eval", "expected", "quirks"),  # template: the inference prompt form
 }
@@ -130,14 +130,19 @@ class Preprocess(_Section):
     dedupe: bool = False
 
 
-class Quant(_Section):
+class QLoRA(_Section):
+    """How the frozen base is loaded for training (bitsandbytes): 4-bit NF4/FP4, 8-bit LLM.int8, or 16-bit.
+
+    Not the GGUF export, which is `quantize:`.
+    """
+
     bits: Literal[4, 8, 16] = 4
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
 
     @model_validator(mode="after")
-    def _coherent(self) -> Quant:
+    def _coherent(self) -> QLoRA:
         if self.bits != 4 and self.double_quant:
             raise ValueError(f"double_quant: true needs bits: 4 (got bits: {self.bits})")
         return self
@@ -336,7 +341,7 @@ class Recipe(_Section):
     data: Data
     template: Template
     preprocess: Preprocess = Preprocess()
-    quant: Quant = Quant()
+    qlora: QLoRA = QLoRA()
     lora: Lora = Lora()
     train: Train = Train()
     merge: Merge = Merge()
@@ -426,6 +431,9 @@ def load_recipe(name_or_path: str, overrides: dict[str, Any] | None = None) -> R
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: line 1: a recipe is a mapping of sections")
     lines = _key_lines(node) if node is not None else {}
+    if "quant" in raw:  # renamed so it cannot be mistaken for the GGUF export's `quantize:`
+        raise RecipeError(f"{path}:{lines.get('quant', 1)}: quant: this section is now called qlora: (how the base "
+                          "is loaded for training; quantize: is the GGUF export); rename it")
     raw = copy.deepcopy(raw)
     raw.setdefault("name", path.stem)
     for key, value in (overrides or {}).items():

@@ -17,16 +17,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import model_safety
-from .artifacts import StageRun, atomic_dir, write_json
-from .download import verify
-from .config import Recipe
+from qlora_kit.sources import model_safety
+from qlora_kit.artifacts import StageRun, atomic_dir, write_json
+from qlora_kit.sources.download import verify
+from qlora_kit.config import Recipe
 
 SAMPLE = "tiny_alpaca.json"
 
 
 def sample_path() -> Path:
-    return Path(str(resources.files("qlora_kit") / "assets" / "tiny" / SAMPLE))
+    return Path(str(resources.files("qlora_kit.tiny") / "assets" / SAMPLE))
 
 
 def fetch_data(recipe: Recipe, dest: Path) -> list[dict[str, Any]]:
@@ -36,7 +36,7 @@ def fetch_data(recipe: Recipe, dest: Path) -> list[dict[str, Any]]:
         src, name = sample_path(), SAMPLE
         shutil.copyfile(src, dest / name)
     else:  # local, url, hub: download.py handles each entry of data and data.extra
-        from .download import fetch_remote_data
+        from qlora_kit.sources.download import fetch_remote_data
 
         return fetch_remote_data(recipe, dest)
     files.append({"name": name, "format": d.format, "fields": d.fields,
@@ -47,7 +47,7 @@ def fetch_data(recipe: Recipe, dest: Path) -> list[dict[str, Any]]:
 def fetch_model(recipe: Recipe, dest: Path, rows_for_tokenizer: list[dict[str, str]]) -> dict[str, Any]:
     m = recipe.model
     if m.source == "tiny":
-        from .tiny_model import build, sample_texts
+        from qlora_kit.tiny.model import build, sample_texts
 
         build(m.arch, dest, sample_texts(rows_for_tokenizer), m.tiny)
         return {"source": "tiny", "arch": m.arch, "seed": m.tiny.seed}
@@ -56,13 +56,13 @@ def fetch_model(recipe: Recipe, dest: Path, rows_for_tokenizer: list[dict[str, s
         model_safety.check(src, m, what="model.name")  # before copying gigabytes we would refuse
         shutil.copytree(src, dest, dirs_exist_ok=True)
         return {"source": "local", "path": str(src)}
-    from .download import fetch_hub_model
+    from qlora_kit.sources.download import fetch_hub_model
 
     return fetch_hub_model(recipe, dest)
 
 
 def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    from . import layout
+    from qlora_kit import layout
 
     paths = layout.paths(recipe.name)
     st = StageRun("fetch", recipe, overrides)

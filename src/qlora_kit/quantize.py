@@ -42,32 +42,19 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .config import Recipe
-from .rows import DataError
+from qlora_kit.config import Recipe
+from qlora_kit.errors import DataError
+from qlora_kit.gguf.checks import QuantizeError, check_metadata, check_types, describe, expected_metadata, merged_chat_template
+from qlora_kit.scoring.logprobs import completion_ppl, distribution_parity, gguf_logprobs
+from qlora_kit.gguf.modelfile import modelfile
 
 # recipe name -> llama_ftype constant of the binding (llama.h); f16 comes from the converter.
 FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
           "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
           "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
-# The GGML tensor type each file must contain: proof that llama.cpp did what was asked.
-REQUIRED_TENSOR_TYPE = {"f16": "F16", "q8_0": "Q8_0", "q4_0": "Q4_0",
-                        "q4_k_m": "Q4_K", "q5_k_m": "Q5_K", "q6_k": "Q6_K"}
-K_QUANTS = {"q4_k_m", "q5_k_m", "q6_k"}
-QK_K = 256  # K-quant block: a matrix row (ncols, GGUF ne[0]) must be a multiple of it
-# Where llama.cpp sends a matrix whose row length is not a multiple of 256 when a K type was
-# asked for (`tensor_type_fallback` in src/llama-quant.cpp: Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0;
-# the output matrix goes to Q8_0; F16 as the last resort). It logs a warning and goes on. A fallback
-# is such a type on such a row length: llama.cpp also picks Q8_0 on purpose for a few tensors of
-# other arches (Falcon's output, 8-expert MoE attention), whose rows are multiples of 256.
-FALLBACK_TYPES = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "F16", "BF16"}
-
-
-class QuantizeError(RuntimeError):
-    """A GGUF file is not what the recipe asked for, or does not behave like the merged model."""
 
 
 # --- quantize and read back ----------------------------------------------------------------------
@@ -85,177 +72,13 @@ def quantize_file(src: Path, dst: Path, qtype: str) -> None:
         raise QuantizeError(f"llama_model_quantize {src.name} -> {dst.name} ({qtype}) failed with code {rc}")
 
 
-def describe(path: Path, gguf: Any) -> dict[str, Any]:
-    """Size, sha256, tensor count per GGML type and the metadata that identifies the file."""
-    from .artifacts import sha256_file
-
-    reader = gguf.GGUFReader(str(path))
-    types = Counter(t.tensor_type.name for t in reader.tensors)
-
-    def field(key: str) -> Any:
-        f = reader.get_field(key)
-        return f.contents() if f is not None else None
-
-    return {"file": path.name, "size_bytes": path.stat().st_size, "sha256": sha256_file(path),
-            "tensors": len(reader.tensors), "tensor_types": dict(sorted(types.items())),
-            "architecture": field("general.architecture"), "file_type": field("general.file_type"),
-            "tokenizer_model": field("tokenizer.ggml.model"), "tokenizer_pre": field("tokenizer.ggml.pre"),
-            "matrices": {t.name: {"type": t.tensor_type.name, "ncols": int(t.shape[0])}
-                         for t in reader.tensors if len(t.shape) >= 2}}
-
-
-def check_types(qtype: str, info: dict[str, Any]) -> dict[str, Any]:
-    """Did llama.cpp write the type asked for? Raises QuantizeError with the offending tensors."""
-    want = REQUIRED_TENSOR_TYPE[qtype]
-    have = info["tensor_types"].get(want, 0)
-    fallback = {n: m["type"] for n, m in info["matrices"].items()
-                if qtype in K_QUANTS and m["ncols"] % QK_K and m["type"] in FALLBACK_TYPES}
-    check = {"required_type": want, "required_count": have, "fallback_tensors": fallback,
-             "ok": have > 0 and not fallback}
-    if not check["ok"]:
-        why = (f"{len(fallback)} matrices fell back to a non-K type: "
-               + ", ".join(f"{n}={t}" for n, t in sorted(fallback.items())) if fallback
-               else f"no {want} tensor at all (types: {info['tensor_types']})")
-        raise QuantizeError(
-            f"{info['file']}: asked for {qtype} but llama.cpp wrote something else; {why}. K-quants need every "
-            "matrix row length (ncols) to be a multiple of 256; use q8_0/q4_0 for this model or fix its shape")
-    return check
-
-
 # --- metadata: what llama.cpp needs to prompt the model the way the recipe does ------------------
-
-def merged_chat_template(merged: Path) -> str:
-    """The chat template the merge stage wrote (transformers 5 saves it as chat_template.jinja)."""
-    jinja = merged / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    cfg = json.loads((merged / "tokenizer_config.json").read_text(encoding="utf-8"))
-    if isinstance(cfg.get("chat_template"), str):
-        return cfg["chat_template"]
-    raise DataError(f"{merged}: no chat template (chat_template.jinja); the folder was not written by "
-                    "`qlora-kit merge`")
-
-
-def check_metadata(path: Path, gguf: Any, want: dict[str, Any]) -> dict[str, Any]:
-    """The GGUF's prompt metadata equals the merged tokenizer's; raises QuantizeError naming keys."""
-    reader = gguf.GGUFReader(str(path))
-
-    def field(key: str) -> Any:
-        f = reader.get_field(key)
-        return f.contents() if f is not None else None
-
-    found = {k: field(k) for k in want}
-    wrong = {k: (want[k], found[k]) for k in want if found[k] != want[k]}
-    if wrong:
-        raise QuantizeError(f"{path.name}: metadata differs from the merged tokenizer: " + "; ".join(
-            f"{k} = {g!r:.200}, expected {w!r:.200}" for k, (w, g) in wrong.items()))
-    return {k: v for k, v in found.items() if k != "tokenizer.chat_template"} | {
-        "tokenizer.chat_template": f"{len(found['tokenizer.chat_template'])} chars, equal to the merged folder's"}
-
-
-def expected_metadata(recipe: Recipe, tok: Any, template: str) -> dict[str, Any]:
-    want: dict[str, Any] = {"tokenizer.chat_template": template, "tokenizer.ggml.eos_token_id": tok.eos_id,
-                            "tokenizer.ggml.add_bos_token": recipe.template.add_bos}
-    if recipe.template.add_bos:
-        want["tokenizer.ggml.bos_token_id"] = tok.bos_id
-    return want
 
 
 # --- Ollama Modelfile ----------------------------------------------------------------------------
 
-def go_template(recipe: Recipe, bos: str, eos: str) -> tuple[str, str | None, list[str]]:
-    """(TEMPLATE, SYSTEM or None, what the template cannot express) for Ollama.
-
-    Ollama renders TEMPLATE with the user's message as `.Prompt` and the Modelfile's SYSTEM as
-    `.System`, then tokenizes it adding BOS when the GGUF says add_bos_token; so BOS is not in
-    the template. Literal text is copied (a `{{` in it is escaped as a Go string).
-    """
-    from .templates import PLACEHOLDER
-
-    tpl = recipe.template
-    plain = tpl.inference_prompt if tpl.inference_prompt is not None else tpl.prompt
-    with_input = tpl.inference_prompt_with_input if tpl.inference_prompt is not None else tpl.prompt_with_input
-    out, pos, uses_system = [], 0, False
-
-    def literal(text: str) -> None:
-        out.append(text.replace("{{", '{{ "{{" }}'))
-
-    for m in PLACEHOLDER.finditer(plain):
-        literal(plain[pos:m.start()])
-        name = m.group(1)
-        if name == "instruction":
-            out.append("{{ .Prompt }}")
-        elif name == "system":
-            out.append("{{ .System }}")
-            uses_system = True
-        elif name in ("bos", "eos"):
-            literal(bos if name == "bos" else eos)
-        # input and output are empty in the no-input inference form
-        pos = m.end()
-    literal(plain[pos:])
-    body = "".join(out)
-    notes = []
-    if tpl.strip.get("instruction"):
-        notes.append(f"the recipe strips the instruction ({tpl.strip['instruction']}); Go templates cannot, "
-                     "so send it without surrounding whitespace")
-    if with_input is not None:
-        notes.append("the Alpaca `input` has no slot in Ollama's prompt: this is the no-input form (the HF "
-                     "chat template and the GGUF's embedded template take an `input` key on the message)")
-    system = tpl.system if uses_system else None
-    for what, text in (("TEMPLATE", body), ("SYSTEM", system or "")):
-        if '"""' in text:
-            raise QuantizeError(f"the recipe's {what} contains \"\"\", which a Modelfile cannot quote")
-    return body, system, notes
-
-
-def _param(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, str):
-        return f'"""{value}"""' if ('"' in value or "\n" in value) else f'"{value}"'
-    return str(value)
-
-
-def modelfile(recipe: Recipe, gguf_name: str, add_bos: bool, bos: str, eos: str) -> str:
-    """The Ollama Modelfile for one GGUF of this recipe."""
-    body, system, notes = go_template(recipe, bos, eos)
-    e = recipe.eval
-    stops = list(dict.fromkeys([eos, *recipe.quantize.stop]))
-    if any('"""' in s for s in stops):
-        raise QuantizeError(f"quantize.stop {stops}: a stop string with \"\"\" cannot be written in a Modelfile")
-    params: list[tuple[str, Any]] = [("stop", s) for s in stops]
-    if e.do_sample:
-        params += [("temperature", e.temperature), ("top_p", e.top_p), ("top_k", e.top_k)]
-    else:
-        params.append(("temperature", 0))  # the source decoded greedily
-    # always written: Ollama's own defaults (repeat_penalty 1.1, top_k 40, ...) differ from HF's
-    params += [("repeat_penalty", e.repetition_penalty), ("num_predict", e.max_new_tokens)]
-    L = [f"# Ollama Modelfile for {gguf_name}, written by `qlora-kit quantize --recipe {recipe.name}`.",
-         f"#   ollama create {recipe.name}-{gguf_name.removeprefix('model-').removesuffix('.gguf')} -f "
-         f"{gguf_name.removesuffix('.gguf')}.Modelfile",
-         "# TEMPLATE renders the recipe's inference prompt (`qlora-kit render` shows it); "
-         + (f"BOS {bos} is not in it: llama.cpp adds it (tokenizer.ggml.add_bos_token = true)."
-            if add_bos else "the model takes no BOS (tokenizer.ggml.add_bos_token = false)."),
-         "# Generation settings are the recipe's (eval section).",
-         *[f"# Note: {n}." for n in notes],
-         f"FROM ./{gguf_name}"]
-    if system is not None:
-        L.append(f'SYSTEM """{system}"""')
-    L.append(f'TEMPLATE """{body}"""')
-    L += [f"PARAMETER {k} {_param(v)}" for k, v in params]
-    return "\n".join(L) + "\n"
-
 
 # --- parity against the merged HF model ----------------------------------------------------------
-
-def log_softmax(x: Any) -> Any:
-    import numpy as np
-
-    x = np.asarray(x, dtype=np.float64)
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
 def hf_reference(recipe: Recipe, merged: Path, rows: list[dict[str, Any]]) -> tuple[list | None, dict[str, Any]]:
@@ -263,7 +86,8 @@ def hf_reference(recipe: Recipe, merged: Path, rows: list[dict[str, Any]]) -> tu
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .merge import fits_in_memory, tensor_shapes
+    from qlora_kit.scoring.logprobs import fits_in_memory
+    from qlora_kit.weights.safetensors_io import tensor_shapes
 
     n_params = sum(math.prod(s) for s, _ in tensor_shapes(merged).values())
     ok, mem = fits_in_memory(n_params)
@@ -282,40 +106,6 @@ def hf_reference(recipe: Recipe, merged: Path, rows: list[dict[str, Any]]) -> tu
     return out, {"hf": "merged model, fp32, transformers", **mem}
 
 
-def gguf_logprobs(llm: Any, rows: list[dict[str, Any]]) -> list:
-    import numpy as np
-
-    out = []
-    for r in rows:
-        ids = r["input_ids"]
-        llm.reset()
-        llm.eval(ids)
-        out.append(log_softmax(np.array(llm.scores[: len(ids)])))
-    return out
-
-
-def completion_ppl(logprobs: list, rows: list[dict[str, Any]]) -> float:
-    """exp(mean NLL) over the loss-bearing tokens (labels != -100), as evaluate measures loss."""
-    nll, n = 0.0, 0
-    for lp, r in zip(logprobs, rows):
-        for pos in range(len(r["input_ids"]) - 1):
-            tgt = r["labels"][pos + 1]
-            if tgt != -100:
-                nll -= float(lp[pos, tgt])
-                n += 1
-    return math.exp(min(nll / max(n, 1), 50.0))
-
-
-def distribution_parity(ref: list, got: list) -> dict[str, float]:
-    """Mean/max KL(ref || got) per position and the share of positions with the same top token."""
-    import numpy as np
-
-    kl = np.concatenate([(np.exp(p) * (p - q)).sum(-1) for p, q in zip(ref, got)])
-    top1 = np.concatenate([p.argmax(-1) == q.argmax(-1) for p, q in zip(ref, got)])
-    return {"positions": int(kl.size), "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
-            "top1_agreement": float(top1.mean())}
-
-
 def tokenization_parity(llm: Any, recipe: Recipe, tok: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """llama.cpp vs HF token ids on the inference prompts, BOS and EOS included.
 
@@ -327,7 +117,7 @@ def tokenization_parity(llm: Any, recipe: Recipe, tok: Any, rows: list[dict[str,
     """
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    from .templates import render_inference
+    from qlora_kit.text.templates import render_inference
 
     # built the way Llama() builds its handler for a GGUF's template (token texts from the vocab)
     fmt = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"],
@@ -355,7 +145,7 @@ def gguf_parity(recipe: Recipe, files: dict[str, Path], rows: list[dict[str, Any
                 hf_ref: list | None, f16: Path) -> dict[str, Any]:
     """Tokenization and next-token parity of each GGUF in `files`; `f16` is the reference where
     the HF model did not fit (`hf_ref` None)."""
-    from .gguf_runtime import open_gguf
+    from qlora_kit.gguf.runtime import open_gguf
 
     q = recipe.quantize
     n_ctx = max([512] + [len(r["input_ids"]) + 8 for r in rows])
@@ -401,10 +191,11 @@ def _failures(report: dict[str, Any]) -> str:
 
 
 def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    from . import converter, layout
-    from .artifacts import StageRun, atomic_dir, sha256_file, write_json
-    from .merge import parity_rows
-    from .tokenizer import load_tokenizer
+    from qlora_kit import layout
+    from qlora_kit.gguf import converter
+    from qlora_kit.artifacts import StageRun, atomic_dir, sha256_file, write_json
+    from qlora_kit.text.examples import parity_rows
+    from qlora_kit.text.tokenizer import load_tokenizer
 
     paths = layout.paths(recipe.name)
     st = StageRun("quantize", recipe, overrides)

@@ -29,20 +29,17 @@ per_device_batch by W, else stops (`rank_batch`), so a distributed run trains th
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from .config import Recipe, RecipeError, recipe_path
-
-_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+from qlora_kit.config import Recipe
+from qlora_kit.training.collate import Collator, PaddingFreeCollator, check_padding_free
+from qlora_kit.training.checkpoints import csv_logger, last_complete_checkpoint, run_key
+from qlora_kit.training.launch import relaunch, fsdp_enabled, rank_batch
 
 
 def resolve_device(want: str) -> str:
@@ -60,7 +57,7 @@ def quantization_config(recipe: Recipe):
     import torch
     from transformers import BitsAndBytesConfig
 
-    q = recipe.quant
+    q = recipe.qlora
     if q.bits == 16:
         return None
     if q.bits == 8:
@@ -70,20 +67,11 @@ def quantization_config(recipe: Recipe):
                               bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype))
 
 
-class LaunchError(RuntimeError):
-    """The distributed re-launch (torchrun / accelerate launch) failed."""
-
-
-def fsdp_enabled() -> bool:
-    """`accelerate launch` with an FSDP config sets this; the Trainer then wraps the model in FSDP."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
-
-
 def load_base(recipe: Recipe, path: Path, device: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .model_safety import check
+    from qlora_kit.sources.model_safety import check
 
     check(path, recipe.model)  # no pickle weights, no model-shipped code unless the recipe opts in
     qc = quantization_config(recipe)
@@ -93,14 +81,14 @@ def load_base(recipe: Recipe, path: Path, device: str):
         # FSDP-QLoRA: FSDP flattens all parameters of a unit into one buffer of one dtype, so the
         # packed 4-bit weights are stored in the compute dtype; FSDP places the shards, so no device_map
         # (peft docs, "FSDP + QLoRA"). Untested here (no multi-GPU machine); DDP is tested on the CPU.
-        if recipe.quant.bits == 4:
-            qc.bnb_4bit_quant_storage = getattr(torch, recipe.quant.compute_dtype)
-        kwargs.update(quantization_config=qc, dtype=getattr(torch, recipe.quant.compute_dtype))
+        if recipe.qlora.bits == 4:
+            qc.bnb_4bit_quant_storage = getattr(torch, recipe.qlora.compute_dtype)
+        kwargs.update(quantization_config=qc, dtype=getattr(torch, recipe.qlora.compute_dtype))
     elif qc is not None:
         # one full copy per process: rank r's copy on its own GPU (LOCAL_RANK), not all on GPU 0
         local = int(os.environ.get("LOCAL_RANK", "0"))
         kwargs.update(quantization_config=qc, device_map={"": device if device == "cpu" else local},
-                      dtype=getattr(torch, recipe.quant.compute_dtype))
+                      dtype=getattr(torch, recipe.qlora.compute_dtype))
     else:
         kwargs.update(dtype=getattr(torch, recipe.model.dtype))
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
@@ -143,57 +131,6 @@ def effective_optimizer(want: str, device: str) -> tuple[str, str | None]:
     return want, None
 
 
-def run_key(recipe: Recipe, data_hash: str, world: int) -> str:
-    blob = json.dumps({"quant": recipe.quant.model_dump(mode="json"), "lora": recipe.lora.model_dump(mode="json"),
-                       "train": recipe.train.model_dump(mode="json"), "data": data_hash, "world": world},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def rank_batch(per_device_batch: int, grad_accum: int, world: int) -> tuple[int, int]:
-    """(per-process micro-batch, per-process grad_accum) that keep the recipe's global batch.
-
-    A recipe's `per_device_batch x grad_accum` is its global (effective) batch, the number the
-    sources report, so a run on W processes must not multiply it by W. The kit divides grad_accum
-    by W when it can (the micro-batch, and so memory and padding per forward, stay the source's),
-    else per_device_batch (same examples per optimizer step, smaller forwards), else stops: a run
-    whose global batch differs is a different run, so it is refused, not silently changed.
-    """
-    if world <= 1:
-        return per_device_batch, grad_accum
-    if grad_accum % world == 0:
-        return per_device_batch, grad_accum // world
-    if per_device_batch % world == 0:
-        return per_device_batch // world, grad_accum
-    raise RecipeError(
-        f"train: the global batch per_device_batch {per_device_batch} x grad_accum {grad_accum} = "
-        f"{per_device_batch * grad_accum} cannot be split over {world} processes (neither grad_accum nor "
-        "per_device_batch is divisible by it); use a world size that divides one of them")
-
-
-CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
-
-
-def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
-    """The newest checkpoint the Trainer finished writing, or None.
-
-    The Trainer writes a checkpoint file by file, trainer_state.json among the last; a SIGKILL
-    in the middle leaves a folder that `get_last_checkpoint` would pick and `train()` then fails
-    to resume from. Incomplete folders are removed so they cannot be picked later either.
-    """
-    import shutil
-
-    if not Path(ckpt_dir).is_dir():
-        return None
-    found = sorted((int(p.name.split("-")[1]), p) for p in Path(ckpt_dir).glob("checkpoint-*")
-                   if p.is_dir() and p.name.split("-")[1].isdigit())
-    for _, p in reversed(found):
-        if all((p / f).is_file() for f in CHECKPOINT_FILES) and any(p.glob("rng_state*.pth")):
-            return str(p)
-        shutil.rmtree(p, ignore_errors=True)  # incomplete: written when the run was killed
-    return None
-
-
 def derived_numbers(n_train: int, recipe: Recipe, world: int, mean_tokens: float) -> dict[str, Any]:
     """What the Trainer will do, computed up front (transformers 5 Trainer semantics).
 
@@ -221,162 +158,6 @@ def derived_numbers(n_train: int, recipe: Recipe, world: int, mean_tokens: float
             "tokens_per_step_mean": round(eff * mean_tokens, 1)}
 
 
-def relaunch_command(recipe: Recipe, overrides: dict[str, Any] | None, nproc: int,
-                     accelerate_config: str | None) -> list[str]:
-    """This same `qlora-kit train` under torchrun (standalone, one node) or `accelerate launch`."""
-    if not recipe_path(recipe.name).exists():
-        raise LaunchError(f"train: a distributed re-launch needs recipes/{recipe.name}.yaml (the recipe was "
-                          "loaded from elsewhere); run torchrun / accelerate launch yourself")
-    # --set values are YAML; JSON is YAML, so json.dumps round-trips every override exactly
-    args = ["-m", "qlora_kit.cli", "train", "--recipe", recipe.name]
-    for key, value in (overrides or {}).items():
-        args += ["--set", f"{key}={json.dumps(value)}"]
-    if accelerate_config:
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config]
-        if nproc > 1:
-            launch += ["--num_processes", str(nproc)]
-        return launch + args
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-
-
-def _relaunch(recipe: Recipe, overrides: dict[str, Any] | None, nproc: int,
-              accelerate_config: str | None) -> dict[str, Any]:
-    from . import layout
-
-    if not accelerate_config:  # refuse an unsplittable global batch before starting N processes
-        rank_batch(recipe.train.per_device_batch, recipe.train.grad_accum, nproc)
-    cmd = relaunch_command(recipe, overrides, nproc, accelerate_config)
-    print("train: launching " + " ".join(cmd[1:]), flush=True)
-    # the children see RANK, so they train instead of launching again
-    rc = subprocess.run(cmd, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}).returncode
-    if rc != 0:
-        raise LaunchError(f"train: the distributed run exited with status {rc} ({' '.join(cmd[1:4])} ...)")
-    manifest = layout.paths(recipe.name).adapter / "manifest.json"
-    return json.loads(manifest.read_text())["facts"]
-
-
-class Collator:
-    """Right-pads a batch: ids with pad, labels with -100, attention 1 on real tokens."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, feats: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
-        n = max(len(f["input_ids"]) for f in feats)
-        ids = torch.full((len(feats), n), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(feats), n), -100, dtype=torch.long)
-        att = torch.zeros((len(feats), n), dtype=torch.long)
-        for i, f in enumerate(feats):
-            k = len(f["input_ids"])
-            ids[i, :k] = torch.tensor(f["input_ids"])
-            labels[i, :k] = torch.tensor(f["labels"])
-            att[i, :k] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": att}
-
-
-class PaddingFreeCollator:
-    """`train.packing: true`: the micro-batch's examples side by side in one row, with no padding.
-
-    Faithful packing, not TRL's fixed-length block packing: the same examples form each
-    micro-batch as with `Collator` (the sampler is untouched), `position_ids` restart at 0 for
-    every example, and each example's first label becomes -100, the position that would predict
-    it from the previous example's last token. Given position_ids and no attention mask,
-    transformers' masking_utils (`find_packed_sequence_indices`) builds a block-diagonal causal
-    mask for the sdpa/eager attention paths too, so no example attends to another; that is why
-    this works on the CPU as well as with flash-attention. `check_padding_free` verifies it on the
-    actual model before training. The loss-bearing labels are exactly those of the padded batch.
-    """
-
-    def __call__(self, feats: list[dict[str, Any]]) -> dict[str, Any]:
-        from transformers import DataCollatorWithFlattening
-
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)(
-            [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in feats])
-
-
-def check_padding_free(model, rows: list[dict[str, Any]], n_tokens: int = 24) -> float:
-    """Logits of two examples packed in one row vs each alone; raise if they differ.
-
-    A model class whose attention does not honour the packed layout would let the second
-    example attend to the first one and train on a contaminated context; this catches it before
-    step 0. It calls the model as the Trainer will (no attention mask, no cache argument), so it
-    also catches `config.use_cache: true`: transformers only builds the packed mask when no cache
-    is passed, and a model that makes its own DynamicCache attends across examples (`load_base`
-    turns the cache off). Returns the largest difference relative to the logits' spread (recorded
-    in the manifest).
-    """
-    import torch
-
-    if len(rows) < 2:
-        return 0.0
-    a, b = (list(r["input_ids"][:n_tokens]) for r in rows[:2])
-    device = next(p.device for p in model.parameters())
-    # The model runs in train mode with only its dropout layers switched off: bitsandbytes'
-    # Linear4bit repacks its weights for inference on the first no-grad forward in eval mode on a
-    # CPU with AVX512-BF16, and that kernel has no backward, so every later training step would
-    # get no gradient at all (measured: grad_norm 0). A freshly loaded model is in eval mode.
-    was_training = model.training
-    model.train()
-    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
-    for m in dropouts:
-        m.eval()
-    try:
-        with torch.no_grad():
-            alone = [model(input_ids=torch.tensor([x], device=device)).logits[0].float() for x in (a, b)]
-            pos = torch.tensor([list(range(len(a))) + list(range(len(b)))], device=device)
-            packed = model(input_ids=torch.tensor([a + b], device=device), position_ids=pos).logits[0].float()
-    finally:
-        model.train(was_training)
-    ref = torch.cat(alone)
-    rel = float((packed - ref).abs().max() / ref.std().clamp_min(1e-6))
-    # fp32 agrees to ~1e-5 of the spread; bf16/fp16 and 4-bit kernels to ~1e-2. Attending across
-    # the boundary moves the second example's logits by a large fraction of the spread.
-    if rel > 0.05:
-        raise RuntimeError(f"train.packing: packed and separate logits differ by {rel:.3g} of the logits' spread: "
-                           f"this model's attention ({type(model).__name__}) does not keep packed examples apart; "
-                           "set train.packing: false")
-    return rel
-
-
-def _csv_logger(path: Path):
-    from transformers import TrainerCallback
-
-    class CsvLog(TrainerCallback):
-        fields = ["step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "elapsed_s"]
-
-        def __init__(self):
-            self.t0 = time.perf_counter()
-            self.last_t, self.last_tokens = self.t0, 0
-            path.parent.mkdir(parents=True, exist_ok=True)
-            exists = path.exists() and path.stat().st_size > 0
-            self.f = open(path, "a" if exists else "w", newline="")
-            self.w = csv.DictWriter(self.f, fieldnames=self.fields)
-            if not exists:
-                self.w.writeheader()
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            logs = logs or {}
-            if not any(k in logs for k in ("loss", "eval_loss")):
-                return
-            now = time.perf_counter()
-            seen = int(getattr(state, "num_input_tokens_seen", 0) or 0)
-            tps = (seen - self.last_tokens) / max(now - self.last_t, 1e-9) if "loss" in logs else ""
-            if "loss" in logs:
-                self.last_t, self.last_tokens = now, seen
-            self.w.writerow({"step": state.global_step, "epoch": round(state.epoch or 0, 4),
-                             "loss": logs.get("loss", ""), "eval_loss": logs.get("eval_loss", ""),
-                             "learning_rate": logs.get("learning_rate", ""), "grad_norm": logs.get("grad_norm", ""),
-                             "tokens_per_s": round(tps, 1) if tps != "" else "", "elapsed_s": round(now - self.t0, 2)})
-            self.f.flush()
-
-        def on_train_end(self, *a, **kw):
-            self.f.close()
-
-    return CsvLog()
-
-
 def lora_config(recipe: Recipe):
     from peft import LoraConfig
 
@@ -393,16 +174,16 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
     nproc = int(os.environ.get("QLORA_KIT_GPUS") or "1")
     accel_cfg = os.environ.get("QLORA_KIT_ACCELERATE_CONFIG") or None
     if (nproc > 1 or accel_cfg) and "RANK" not in os.environ:
-        return _relaunch(recipe, overrides, nproc, accel_cfg)
+        return relaunch(recipe, overrides, nproc, accel_cfg)
 
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import Trainer, TrainingArguments, set_seed
 
-    from . import layout
-    from .artifacts import StageRun, atomic_dir, hash_tree, write_json
-    from .preprocess import read_split
-    from .tokenizer import load_tokenizer
+    from qlora_kit import layout
+    from qlora_kit.artifacts import StageRun, atomic_dir, hash_tree, write_json
+    from qlora_kit.text.examples import read_split
+    from qlora_kit.text.tokenizer import load_tokenizer
 
     paths = layout.paths(recipe.name)
     st = StageRun("train", recipe, overrides)
@@ -430,7 +211,7 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
     st.add_input("base", paths.base)
 
     model = load_base(recipe, paths.base, device)
-    if recipe.quant.bits in (4, 8):
+    if recipe.qlora.bits in (4, 8):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
     elif t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -482,7 +263,7 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
     )
     trainer = Trainer(model=model, args=args, train_dataset=train_rows, eval_dataset=val_rows or None,
                       data_collator=PaddingFreeCollator() if t.packing else Collator(tok.pad_id),
-                      callbacks=[_csv_logger(log_csv)] if rank == 0 else [])
+                      callbacks=[csv_logger(log_csv)] if rank == 0 else [])
     st.lap("load")
     result = trainer.train(resume_from_checkpoint=last)
     st.lap("train")

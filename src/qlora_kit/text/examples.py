@@ -1,0 +1,182 @@
+"""Rows to training examples: tokenize, mask labels, apply the length policy; read them back.
+
+Pure: the tokenizer is a parameter (anything with encode/bos_id/eos_id/pad_id), no torch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+from qlora_kit.config import Preprocess, Template
+from qlora_kit.errors import DataError
+from qlora_kit.text.rows import SourceRow, fail
+from qlora_kit.text.templates import render
+
+
+IGNORE = -100
+
+
+class TokenizerLike(Protocol):
+    bos_id: int | None
+    eos_id: int
+    pad_id: int
+    bos: str
+    eos: str
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+@dataclass
+class Example:
+    row: dict[str, str]
+    prompt: str
+    completion: str
+    input_ids: list[int]
+    labels: list[int]
+    prompt_len: int
+    origin: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"origin": self.origin, **self.row, "prompt": self.prompt, "completion": self.completion,
+                "prompt_len": self.prompt_len, "input_ids": self.input_ids, "labels": self.labels}
+
+
+@dataclass
+class Report:
+    rows_in: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    kept: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+    tokens: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        kept = sum(self.kept.values())
+        dropped = sum(self.dropped.values())
+        assert self.rows_in == kept + dropped, (self.rows_in, kept, dropped)
+        return {"rows_in": self.rows_in, "kept": kept, "dropped": dropped,
+                "dropped_by_reason": dict(sorted(self.dropped.items())), "kept_by_split": self.kept,
+                "truncated": self.truncated, "tokens": self.tokens}
+
+
+def tokenize_example(rendered_prompt: str, rendered_completion: str, tok: TokenizerLike, tpl: Template,
+                     pp: Preprocess) -> tuple[list[int], list[int], int]:
+    """ids, labels and prompt length (in tokens) for one rendered row, before length policy."""
+    bos = [tok.bos_id] if (tpl.add_bos and tok.bos_id is not None) else []
+    prompt_ids = bos + tok.encode(rendered_prompt)
+    if pp.tokenize == "separate":
+        ids = prompt_ids + tok.encode(rendered_completion)
+    else:  # the sources' way: tokenize the whole text, mask the prompt's token count
+        ids = bos + tok.encode(rendered_prompt + rendered_completion)
+    n_prompt = len(prompt_ids)
+    labels = list(ids) if pp.loss == "full" else [IGNORE] * n_prompt + ids[n_prompt:]
+    if pp.mask_pad_in_labels:
+        # DataCollatorForLanguageModeling sets labels[ids == pad] = -100; with pad == eos this
+        # also masks the real EOS (llama2-koalpaca's quirk)
+        labels = [IGNORE if i == tok.pad_id else lab for i, lab in zip(ids, labels)]
+    return ids, labels, n_prompt
+
+
+def counted_length(ids: list[int], pp: Preprocess) -> int:
+    """The length the source compared with its limit: llama2-koalpaca counted one extra BOS,
+    because it measured `tokenizer(text)` (which adds BOS) on a text that already began with one."""
+    return len(ids) + (1 if pp.count_extra_bos else 0)
+
+
+def length_policy(ids: list[int], labels: list[int], pp: Preprocess
+                  ) -> tuple[list[int], list[int], Literal["keep", "truncate", "drop"]]:
+    """Apply `max_length` / `overlength` to one example: keep it, cut it, or drop it."""
+    if counted_length(ids, pp) <= pp.max_length:
+        return ids, labels, "keep"
+    if pp.overlength == "drop":
+        return ids, labels, "drop"
+    keep = pp.max_length - (1 if pp.count_extra_bos else 0)
+    return ids[:keep], labels[:keep], "truncate"
+
+
+def build(rows: list[SourceRow], tok: TokenizerLike, tpl: Template, pp: Preprocess
+          ) -> tuple[dict[str, list[Example]], Report]:
+    rep = Report(rows_in=len(rows))
+    good: list[SourceRow] = []
+    seen: set[tuple[str, str, str]] = set()
+    for r in rows:
+        if r.problem:
+            if pp.on_bad_row == "error":
+                raise fail(r)
+            rep.dropped[r.problem] += 1
+            continue
+        key = (r.fields["instruction"], r.fields["input"], r.fields["output"])
+        if pp.dedupe and key in seen:
+            rep.dropped["duplicate"] += 1
+            continue
+        seen.add(key)
+        good.append(r)
+    if pp.shuffle_seed is not None:
+        random.Random(pp.shuffle_seed).shuffle(good)
+
+    def encode(r: SourceRow) -> Example | str:
+        rend = render(tpl, r.fields, bos=tok.bos, eos=tok.eos)
+        ids, labels, n_prompt = tokenize_example(rend.prompt, rend.completion, tok, tpl, pp)
+        ids, labels, action = length_policy(ids, labels, pp)
+        if action == "drop":
+            return "overlength"
+        if action == "truncate":
+            rep.truncated += 1
+        if all(lab == IGNORE for lab in labels):
+            return "no_loss_tokens"
+        return Example(dict(r.fields), rend.prompt, rend.completion, ids, labels, n_prompt,
+                       f"{Path(r.file).name}:{r.line}")
+
+    def split(items: list) -> tuple[list, list]:
+        idx = list(range(len(items)))
+        random.Random(pp.split_seed).shuffle(idx)
+        # ceil, as datasets' train_test_split(test_size=...) sizes the test part (L2K, AG2 split with it)
+        n_val = math.ceil(len(items) * pp.val_ratio - 1e-9) if pp.val_ratio > 0 else 0
+        if pp.val_ratio > 0 and n_val == 0 and len(items) > 1:
+            n_val = 1
+        val_idx = set(idx[:n_val])
+        return [x for i, x in enumerate(items) if i not in val_idx], [x for i, x in enumerate(items) if i in val_idx]
+
+    def encode_all(items: list[SourceRow]) -> list[Example]:
+        out = []
+        for r in items:
+            ex = encode(r)
+            if isinstance(ex, str):
+                rep.dropped[ex] += 1
+            else:
+                out.append(ex)
+        return out
+
+    if pp.filter_after_split:  # llama2-koalpaca: split 99/1 first, then drop long rows per split
+        tr, va = split(good)
+        parts = {"train": encode_all(tr), "val": encode_all(va)}
+    else:
+        tr, va = split(encode_all(good))
+        parts = {"train": tr, "val": va}
+    rep.kept = {k: len(v) for k, v in parts.items()}
+    rep.tokens = {
+        k: sum(len(e.input_ids) for e in v) for k, v in parts.items()
+    } | {f"{k}_loss": sum(lab != IGNORE for e in v for lab in e.labels) for k, v in parts.items()}
+    return parts, rep
+
+
+def read_split(processed: Path, split: str) -> list[dict[str, Any]]:
+    with open(Path(processed) / f"{split}.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def parity_rows(processed: Path, n: int) -> tuple[list[dict[str, Any]], str]:
+    """The first n validation rows; the first n training rows where the recipe holds none out
+    (komt and polyglot-koalpaca train on everything, as their sources did: val_ratio 0)."""
+    from qlora_kit.text.examples import read_split
+
+    rows = read_split(processed, "val")[:n]
+    if rows:
+        return rows, "val"
+    rows = read_split(processed, "train")[:n]
+    if not rows:
+        raise DataError(f"{processed}: no rows in val.jsonl or train.jsonl to check parity on")
+    return rows, "train (no validation rows: preprocess.val_ratio is 0)"

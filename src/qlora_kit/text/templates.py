@@ -1,0 +1,110 @@
+"""Prompt templates: render one Alpaca-form row into (prompt, completion) strings.
+
+Pure code: no torch, no transformers. Placeholders ({system} {instruction} {input} {output}
+{bos} {eos}) are substituted in a single left-to-right pass, so text in the data that looks
+like a placeholder (`{input}`) comes out literally — never `str.format` on user text.
+
+    qlora-kit render --recipe komt --limit 3      # the CLI view of this module
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from qlora_kit.config import Template
+
+PLACEHOLDER = re.compile(r"\{(system|instruction|input|output|bos|eos)\}")
+
+
+@dataclass(frozen=True)
+class Rendered:
+    prompt: str
+    completion: str
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.completion
+
+
+def substitute(template: str, values: dict[str, str]) -> str:
+    """Replace known placeholders once; everything else (incl. braces in values) stays as is."""
+    return PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
+def _strip(value: str, how: str | None) -> str:
+    if how == "both":
+        return value.strip()
+    if how == "left":
+        return value.lstrip()
+    if how == "right":
+        return value.rstrip()
+    return value
+
+
+def _values(tpl: Template, row: dict[str, str], bos: str, eos: str) -> dict[str, str]:
+    vals = {k: _strip(row.get(k, "") or "", tpl.strip.get(k)) for k in ("instruction", "input", "output")}
+    vals.update(system=tpl.system, bos=bos, eos=eos)
+    return vals
+
+
+def render(tpl: Template, row: dict[str, str], *, bos: str = "", eos: str = "") -> Rendered:
+    """The training form of a row. `bos`/`eos` are the tokenizer's token strings."""
+    vals = _values(tpl, row, bos, eos)
+    has_input = bool(vals["input"])
+    prompt_t = tpl.prompt_with_input if (has_input and tpl.prompt_with_input is not None) else tpl.prompt
+    return Rendered(substitute(prompt_t, vals), substitute(tpl.completion, vals))
+
+
+def _inference_forms(tpl: Template) -> tuple[str, str | None]:
+    """(prompt without input, prompt with input or None) of the inference form.
+
+    A recipe that sets `inference_prompt` but no `inference_prompt_with_input` drops the input
+    at inference, as AlpaGasus2's generate.py did; with neither set, the training prompts apply.
+    """
+    if tpl.inference_prompt is not None:
+        return tpl.inference_prompt, tpl.inference_prompt_with_input
+    return tpl.prompt, tpl.prompt_with_input
+
+
+def render_inference(tpl: Template, row: dict[str, str], *, bos: str = "", eos: str = "") -> str:
+    """The prompt the source used at inference time."""
+    vals = _values(tpl, row, bos, eos)
+    plain, with_input = _inference_forms(tpl)
+    return substitute(with_input if (vals["input"] and with_input is not None) else plain, vals)
+
+
+def chat_template(tpl: Template, *, bos: str, eos: str) -> str:
+    """A Jinja chat template that renders the recipe's inference prompt for one user turn.
+
+    The user message carries the instruction; an optional `input` key on the message carries
+    the Alpaca input. Used in tokenizer_config.json and the GGUF metadata.
+    """
+    def jinja_literal(s: str) -> str:
+        return s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
+
+    def piece(t: str) -> str:
+        out, pos = [], 0
+        for m in PLACEHOLDER.finditer(t):
+            if m.start() > pos:
+                out.append("{{ '" + jinja_literal(t[pos:m.start()]) + "' }}")
+            name = m.group(1)
+            expr = {"instruction": "instruction", "input": "input", "system": "'" + jinja_literal(tpl.system) + "'",
+                    "bos": "'" + jinja_literal(bos) + "'", "eos": "'" + jinja_literal(eos) + "'",
+                    "output": "''"}[name]
+            out.append("{{ " + expr + " }}")
+            pos = m.end()
+        if pos < len(t):
+            out.append("{{ '" + jinja_literal(t[pos:]) + "' }}")
+        return "".join(out)
+
+    method = {"both": ".strip()", "left": ".lstrip()", "right": ".rstrip()"}
+    ins = "messages[-1]['content']" + method.get(tpl.strip.get("instruction", ""), "")
+    inp = "(messages[-1]['input'] if messages[-1]['input'] is defined else '')" + method.get(
+        tpl.strip.get("input", ""), "")
+    plain, with_input = _inference_forms(tpl)
+    body = "{% set instruction = " + ins + " %}{% set input = " + inp + " %}"
+    if with_input is not None:
+        body += "{% if input %}" + piece(with_input) + "{% else %}" + piece(plain) + "{% endif %}"
+    else:
+        body += piece(plain)
+    return body

@@ -1,0 +1,92 @@
+"""The merged model's card (README.md with Hugging Face metadata)."""
+from __future__ import annotations
+
+import json
+from typing import Any
+from qlora_kit.config import Recipe
+from qlora_kit.weights.lora_merge import Adapter
+
+
+def _yaml_scalar(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid YAML scalar
+
+
+def model_card(recipe: Recipe, ids: dict[str, Any], parity: dict[str, Any], adapter: Adapter,
+               base_facts: dict[str, Any], train_facts: dict[str, Any]) -> str:
+    """README.md: Hub metadata (front matter) and what a user needs to reproduce and prompt it."""
+    from qlora_kit.text.templates import render_inference
+
+    m, d, src, tpl = recipe.model, recipe.data, recipe.source, recipe.template
+    datasets = [d.hub_dataset] if d.source == "hub" and d.hub_dataset else []
+    tags = ["qlora-kit", "qlora", "lora", "merged", m.arch.replace("_", "-"), recipe.name]
+    front = ["---", f"base_model: {_yaml_scalar(m.name)}", "datasets:" + ("" if datasets else " []")]
+    front += [f"- {_yaml_scalar(x)}" for x in datasets]
+    front += [f"license: {_yaml_scalar(recipe.merge.license or 'other')}", "library_name: transformers",
+              "pipeline_tag: text-generation", "tags:"] + [f"- {_yaml_scalar(t)}" for t in tags] + ["---", ""]
+
+    t = adapter.config.get("target_modules") or []
+    # peft stores `all-linear` expanded to full module paths: name the module kinds
+    targets = ", ".join(sorted({x.rsplit(".", 1)[-1] for x in t})) if isinstance(t, list) else str(t)
+    model_rev = base_facts.get("resolved_commit") or m.revision or ("built from seed "
+                                                                    f"{m.tiny.seed}" if m.source == "tiny" else "")
+    if d.source == "url":
+        data_line = f"`{d.url}` (sha256 `{d.sha256 or 'not pinned'}`)"
+    elif d.source == "hub":
+        data_line = f"Hub dataset `{d.hub_dataset}` @ `{d.hub_revision or 'main'}`, file `{d.path}`"
+    else:
+        data_line = {"tiny-sample": "the kit's shipped tiny sample (src/qlora_kit/tiny/assets)"}.get(d.source, d.path)
+    L = [f"# {recipe.name} (merged QLoRA fine-tune)", "", recipe.description, "",
+         "Built by qlora-kit from `recipes/" + recipe.name + ".yaml`: the LoRA adapter "
+         "trained by the recipe, merged into the base weights. Every number below was measured when this "
+         "folder was written.", "", "## Provenance", "",
+         f"- Source reproduced: " + (f"`{src.repo}@{src.commit}`" if src.repo else "none (kit smoke recipe)"),
+         *([f"- Source files: {', '.join('`' + f + '`' for f in src.files)}"] if src.files else []),
+         f"- Base model: `{m.name}` ({model_rev or 'revision not pinned'})",
+         f"- Data: {data_line}",
+         f"- Quantization during training: {recipe.qlora.bits}-bit"
+         + (f" {recipe.qlora.quant_type}, double quant {recipe.qlora.double_quant}, compute "
+            f"{recipe.qlora.compute_dtype}" if recipe.qlora.bits == 4 else ""),
+         f"- LoRA: r={adapter.config['r']}, alpha={adapter.config['lora_alpha']}, dropout "
+         f"{adapter.config.get('lora_dropout')}, bias {adapter.config.get('bias', 'none')}, on {targets}",
+         ]
+    derived = train_facts.get("derived") or {}
+    final = train_facts.get("final") or {}
+    if derived:
+        L.append(f"- Training: {final.get('global_step', derived.get('total_steps'))} optimizer steps, effective "
+                 f"batch {derived.get('effective_batch')}, final train loss "
+                 f"{final.get('train_loss') if final.get('train_loss') is None else round(final['train_loss'], 4)}")
+    logits = parity.get("logits") or {}
+    L += [f"- Merge: `{recipe.merge.method}` into the `{recipe.merge.base}` base weights, saved as "
+          f"{recipe.merge.dtype}",
+          "- Parity, merged vs base + adapter: " + (
+              f"max relative logit error {logits['max_rel_error']:.2e}, mean {logits['mean_rel_error']:.2e}, "
+              f"top-1 agreement {logits['top1_agreement']:.1%} on {logits['rows']} "
+              f"{'held-out' if parity.get('split') == 'val' else 'training'} rows "
+              f"(threshold {recipe.merge.max_rel_error})" if logits.get("checked") else
+              f"logits not compared ({logits.get('skipped', 'n/a')})"), ""]
+
+    example = {"instruction": "<instruction>", "input": "", "output": ""}
+    prompt = render_inference(tpl, example, bos=ids["bos"], eos=ids["eos"])
+    L += ["## Prompt format", "",
+          "The tokenizer's chat template renders exactly the recipe's inference prompt (the one the source "
+          "prompted with; `qlora-kit render --recipe " + recipe.name + "` shows it per row). One user message; its "
+          "`content` is the instruction and an optional `input` key carries the Alpaca input:", "",
+          "```python",
+          'tok.apply_chat_template([{"role": "user", "content": "...", "input": ""}], tokenize=False)',
+          "```", "", "renders (BOS " + (f"`{ids['bos']}` first, as text" if ids["add_bos"] else "none") + "):", "",
+          "```", (ids["bos"] if ids["add_bos"] else "") + prompt, "```", "",
+          f"EOS: `{ids['eos']}` (id {ids['eos_id']}); pad id {ids['pad_id']}"
+          + (f"; BOS `{ids['bos']}` (id {ids['bos_id']})" if ids["add_bos"] else "; no BOS") + ".", ""]
+    L += ["## Quirks in force", ""]
+    if recipe.quirks:
+        L += ["Where the source's code did something its README did not say, the recipe reproduces the code "
+              "and names the difference; `fix: true` switches to the corrected behaviour.", "",
+              "| quirk | state | what | source |", "|---|---|---|---|"]
+        for name, q in recipe.quirks.items():
+            cell = lambda s: " ".join(str(s).split()).replace("|", "\\|")  # noqa: E731
+            L.append(f"| `{name}` | {'fixed' if q.fix else 'reproduced (as the source did)'} | "
+                     f"{cell(q.description)} | {cell(q.cite)} |")
+    else:
+        L.append("None: this recipe reproduces no source.")
+    L.append("")
+    return "\n".join(front + L)

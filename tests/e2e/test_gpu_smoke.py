@@ -1,0 +1,27 @@
+"""`make gpu-smoke` cannot rot: its script runs the same path on the CPU here (2 steps each)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from support.repo import REPO
+
+
+@pytest.mark.slow
+def test_gpu_smoke_script_runs_on_cpu_in_dry_mode():
+    res = subprocess.run([sys.executable, str(REPO / "bench/gpu_smoke.py"), "--allow-cpu", "--steps", "2"],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("gpu-smoke: ")]
+    assert '"bits": 4' in "\n".join(lines) and '"bits": 8' in "\n".join(lines) and lines[-1] == "gpu-smoke: ok"
+
+
+def test_gpu_smoke_refuses_without_cuda_unless_asked():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    res = subprocess.run([sys.executable, str(REPO / "bench/gpu_smoke.py")], capture_output=True, text=True)
+    assert res.returncode == 1 and "no CUDA device" in res.stderr

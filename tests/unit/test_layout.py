@@ -1,0 +1,59 @@
+"""The house has rooms: stages on top never import each other, helpers never import a stage,
+`text/` never pulls in torch, and dvc.yaml's deps cover the code each stage runs."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import yaml
+
+from support.imports import PKG, STAGES, all_modules, closure, imports_of, module_file, room
+from support.repo import REPO
+
+SPINE = {"cli", "config", "layout", "artifacts", "errors"}
+HELPER_ROOMS = {"text", "sources", "training", "weights", "gguf", "scoring", "judge", "tiny"}
+
+
+def test_every_module_lives_in_a_known_room():
+    rooms = {room(m) for m in all_modules()} - {"qlora_kit", "__main__"}
+    assert rooms <= SPINE | set(STAGES) | HELPER_ROOMS, rooms - (SPINE | set(STAGES) | HELPER_ROOMS)
+
+
+def test_a_stage_never_imports_another_stage_and_helpers_never_import_stages():
+    bad = []
+    for m in all_modules():
+        for dep in imports_of(m):
+            if room(dep) in STAGES and room(dep) != room(m):
+                bad.append(f"{m} imports {dep}")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_spine_imports_no_stage_and_no_helper_at_module_level():
+    # cli.py dispatches to stages by name (importlib), so it names none of them in an import
+    for name in SPINE - {"cli"}:
+        deps = {room(d) for d in imports_of(f"qlora_kit.{name}")}
+        assert deps <= SPINE | {"qlora_kit"}, (name, deps)
+
+
+def test_text_imports_no_torch():
+    mods = [m for m in all_modules() if room(m) == "text"]
+    code = ("import importlib, sys\n"
+            f"for m in {mods!r}: importlib.import_module(m)\n"
+            "heavy = sorted(x for x in ('torch', 'transformers', 'peft', 'bitsandbytes', 'llama_cpp') if x in sys.modules)\n"
+            "print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"importing text/ loaded {out.stdout.strip()}"
+
+
+def test_module_files_resolve():
+    for m in all_modules():
+        assert module_file(m) is not None and module_file(m).is_relative_to(PKG), m
+
+
+def test_dvc_deps_cover_each_stage_import_closure():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for st in STAGES:
+        deps = set(stages[st]["do"]["deps"])
+        need = {module_file(m).relative_to(REPO).as_posix() for m in closure(f"qlora_kit.{st}")}
+        missing = sorted(p for p in need if p not in deps and not any(p.startswith(d.rstrip("/") + "/") for d in deps))
+        assert not missing, f"dvc.yaml stage {st} misses code it runs: {missing}"
