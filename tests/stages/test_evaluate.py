@@ -28,7 +28,7 @@ from qlora_kit.config import EvalFile, PromptSet, load_recipe
 from qlora_kit.errors import DataError
 from support.pipeline import FAST, clone_outputs, pipeline_root, run_stages
 from qlora_kit.scoring.expected import compare_expected
-from qlora_kit.scoring import report
+from qlora_kit.scoring import report as scoring_report
 from qlora_kit.judge import client as judge_client
 from qlora_kit.judge import prompts as judge_prompts
 
@@ -184,7 +184,7 @@ def test_every_recipe_prompt_set_loads_from_shared_data():
                 assert all(r["answer"] for r in loaded.rows)  # the recorded answers, judged as "recorded"
     curve = load_recipe("polyglot-koalpaca").eval.reference_curve
     path, _ = prompt_sets.locate(curve, None, allow_download=False)
-    ref = report.read_reference_curve(path)
+    ref = scoring_report.read_reference_curve(path)
     assert ref["total_steps"] == 17692 and ref["points"][0] == (200, 2.2448) and len(ref["points"]) == 88
 
 
@@ -239,7 +239,7 @@ def test_compare_expected_measured_tolerance_scale_and_reasons():
     assert lb["reproduced"] == pytest.approx({"arc": 60.0, "mmlu": 50.0})
     assert lb["within_tolerance"] is False and "(not measured: avg)" in lb["status"]
     assert out["published_only"]["status"].startswith("not measured in this run: the kit measures no counterpart")
-    short = report.for_dvc({"expected": out, "judge": metrics["judge"]})
+    short = scoring_report.for_dvc({"expected": out, "judge": metrics["judge"]})
     assert short["expected"]["komt"]["status"] == "not measured in this run"
     assert short["judge"]["komt-37"]["status"] == "off"
 

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 from support.repo import copy_repo, kit_env
 from qlora_kit.config import load_recipe
-from qlora_kit.scoring import report
+from qlora_kit.scoring import report as scoring_report
 from qlora_kit.training import checkpoints
 
 LOSSES = [7.0394, 6.3416, 5.1966, 4.6339, 4.2512, 3.9871]  # distinctive values to find in the output
@@ -81,13 +81,13 @@ def test_report_embeds_the_loss_png(tmp_path):
     csv_path = tmp_path / "train_log.csv"
     _write_log(csv_path)
     png = tmp_path / "loss_curve.png"
-    assert report.plot_loss(csv_path, png, total_steps=len(LOSSES))
+    assert scoring_report.plot_loss(csv_path, png, total_steps=len(LOSSES))
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     again = tmp_path / "again.png"
-    report.plot_loss(csv_path, again, total_steps=len(LOSSES))
+    scoring_report.plot_loss(csv_path, again, total_steps=len(LOSSES))
     assert again.read_bytes() == data  # no timestamp in the PNG: same curve, same bytes
-    assert not report.plot_loss(tmp_path / "missing.csv", tmp_path / "none.png")
+    assert not scoring_report.plot_loss(tmp_path / "missing.csv", tmp_path / "none.png")
 
     # the report's Training section carries the PNG inline (report.md is one self-contained file)
     m = {"val_loss_before": 7.0, "val_loss_after": 4.0, "val_ppl_before": 1096.6, "val_ppl_after": 54.6,
@@ -96,7 +96,7 @@ def test_report_embeds_the_loss_png(tmp_path):
          "gguf": {}}
     facts = {"derived": {"total_steps": len(LOSSES)}, "final": {"global_step": len(LOSSES), "train_loss": 5.0}}
     held = [{"instruction": "q", "input": "", "output": "a"}]
-    report = report.render_report(load_recipe("tiny"), m, {}, facts, {"hf": [{"text": "a"}]}, held, png)
+    report = scoring_report.render_report(load_recipe("tiny"), m, {}, facts, {"hf": [{"text": "a"}]}, held, png)
     found = re.search(r"!\[loss curve\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", report)
     assert found, report[:2000]
     assert base64.b64decode(found.group(1)) == data

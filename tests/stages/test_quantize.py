@@ -655,7 +655,7 @@ def recipe_ggufs(tmp_path_factory, tiny_llama, tiny_neox):
         hf_folder.write_tokenizer(recipe, base, folder)
         jobs.append([str(folder), str(out / f"{name}.gguf")])
         made[name] = (recipe, folder, out / f"{name}.gguf")
-    script = ("import json, sys\nfrom pathlib import Path\nfrom qlora_kit import converter\n"
+    script = ("import json, sys\nfrom pathlib import Path\nfrom qlora_kit.gguf import converter\n"
               "for src, dst in json.loads(sys.argv[1]):\n"
               "    converter._run(Path(dst + '.json'), [src, '--outfile', dst, '--outtype', 'f16', '--vocab-only'])\n")
     res = subprocess.run([sys.executable, "-c", script, json.dumps(jobs)], env=converter.child_env(converter.locate()),

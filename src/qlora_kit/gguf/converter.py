@@ -232,7 +232,7 @@ def import_gguf():
             sys.path.remove(str(d / "gguf-py"))
     if not _gguf_is_ours(mod, d):
         raise ConverterError(f"`gguf` was already imported from {mod.__file__}, not from {d / 'gguf-py'}; "
-                             "import qlora_kit.converter.import_gguf() before anything else imports gguf")
+                             "import qlora_kit.gguf.converter.import_gguf() before anything else imports gguf")
     return mod
 
 
