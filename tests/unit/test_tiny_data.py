@@ -13,6 +13,7 @@ from collections import Counter
 import pytest
 
 from qlora_kit.tiny import data as tiny_data
+from qlora_kit.tiny import tables
 
 HANGUL = re.compile(r"[\uac00-\ud7a3]")
 README = tiny_data.SHIPPED_PATH.parent / "README.md"
@@ -122,12 +123,12 @@ def test_answers_are_correct_for_arithmetic_and_lookups():
 
 
 def test_korean_particles_follow_the_final_consonant():
-    assert tiny_data._topic("사과") == "사과는" and tiny_data._topic("책") == "책은"
-    assert tiny_data._obj("3") == "3을" and tiny_data._obj("2") == "2를"
-    assert tiny_data._and("10") == "10과" and tiny_data._and("9") == "9와"
-    assert tiny_data._topic("빵", quote=True) == "'빵'은"
+    assert tables.topic("사과") == "사과는" and tables.topic("책") == "책은"
+    assert tables.obj("3") == "3을" and tables.obj("2") == "2를"
+    assert tables.and_("10") == "10과" and tables.and_("9") == "9와"
+    assert tables.topic("빵", quote=True) == "'빵'은"
     with pytest.raises(ValueError):
-        tiny_data._topic("apple")
+        tables.topic("apple")
 
 
 def test_deterministic_and_seed_dependent():

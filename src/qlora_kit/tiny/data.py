@@ -1,8 +1,8 @@
 """Generate the sample instruction data set that ships with the `tiny` recipe.
 
-The `tiny` recipe trains a tiny, randomly initialised Llama-shaped model (2 layers, hidden 256,
-a ~1000-piece sentencepiece tokenizer trained on this very text) with LoRA for about a minute
-on a CPU. Its report has to show that the model visibly learned, so the data is built for that:
+The `tiny` recipe trains a tiny, randomly initialised Llama-shaped model (its shape is in
+recipes/tiny.yaml; the sentencepiece tokenizer is trained on this very text) with LoRA in a few
+minutes on a CPU. Its report has to show that the model visibly learned, so the data is built for that:
 
 - templated, regular tasks (single-digit arithmetic, lookup tables we wrote ourselves, copying,
   reversing and counting letters), so the answer *format* is learnable within a few hundred steps;
@@ -26,13 +26,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Callable, NamedTuple
+
+from qlora_kit.artifacts import write_atomic
+from qlora_kit.tiny.tables import (
+    ANIMAL_SOUNDS, CAPITALS, COLOURS, EXTRA_WORDS_EN, EXTRA_WORDS_KO, MONTHS_EN, MONTHS_KO,
+    OPPOSITES_EN, OPPOSITES_KO, WEEKDAYS_EN, WEEKDAYS_KO, WORDS, and_, cap, obj, topic,
+)
 
 SHIPPED_PATH = Path(__file__).resolve().parent / "assets" / "tiny_alpaca.json"
 MAX_OUTPUT_CHARS = 40
@@ -44,167 +48,6 @@ class Tagged(NamedTuple):
     task: str
     lang: str  # "en" or "ko": the language of the instruction
     row: dict
-
-
-# ---------------------------------------------------------------------------------------------
-# Korean particles. The particle after a word depends on whether its last syllable ends in a
-# consonant (batchim): 사과는 / 책은, 사과를 / 책을, 사과와 / 책과. We compute it instead of
-# writing "은(는)", and refuse words we cannot judge rather than guess.
-# ---------------------------------------------------------------------------------------------
-
-# Sino-Korean reading of the last digit: 영 일 이 삼 사 오 육 칠 팔 구; True = ends in a consonant.
-_DIGIT_BATCHIM = {0: True, 1: True, 2: False, 3: True, 4: False, 5: False, 6: True, 7: True,
-                  8: True, 9: False}
-
-
-def _has_batchim(word: str) -> bool:
-    last = word[-1]
-    if "가" <= last <= "힣":
-        return (ord(last) - 0xAC00) % 28 != 0
-    if word.isdigit():
-        n = int(word)
-        # 십, 백, 천 all end in a consonant; otherwise the last digit decides (13 = 십삼).
-        return True if n % 10 == 0 else _DIGIT_BATCHIM[n % 10]
-    raise ValueError(f"cannot choose a Korean particle after {word!r}")
-
-
-def _particle(word: str, after_consonant: str, after_vowel: str, quote: bool) -> str:
-    # The particle goes outside the quotes: '빵'은, not '빵은'.
-    shown = f"'{word}'" if quote else word
-    return shown + (after_consonant if _has_batchim(word) else after_vowel)
-
-
-def _topic(word: str, quote: bool = False) -> str:  # 은/는
-    return _particle(word, "은", "는", quote)
-
-
-def _obj(word: str, quote: bool = False) -> str:  # 을/를
-    return _particle(word, "을", "를", quote)
-
-
-def _and(word: str, quote: bool = False) -> str:  # 과/와
-    return _particle(word, "과", "와", quote)
-
-
-# ---------------------------------------------------------------------------------------------
-# Lookup tables, written for this project.
-# ---------------------------------------------------------------------------------------------
-
-# (English name as used inside a question, Korean name, English capital, Korean capital)
-CAPITALS = [
-    ("France", "프랑스", "Paris", "파리"),
-    ("Japan", "일본", "Tokyo", "도쿄"),
-    ("China", "중국", "Beijing", "베이징"),
-    ("South Korea", "한국", "Seoul", "서울"),
-    ("Germany", "독일", "Berlin", "베를린"),
-    ("Italy", "이탈리아", "Rome", "로마"),
-    ("Spain", "스페인", "Madrid", "마드리드"),
-    ("the United Kingdom", "영국", "London", "런던"),
-    ("Russia", "러시아", "Moscow", "모스크바"),
-    ("Egypt", "이집트", "Cairo", "카이로"),
-    ("Canada", "캐나다", "Ottawa", "오타와"),
-    ("Australia", "호주", "Canberra", "캔버라"),
-    ("Brazil", "브라질", "Brasilia", "브라질리아"),
-    ("India", "인도", "New Delhi", "뉴델리"),
-    ("Thailand", "태국", "Bangkok", "방콕"),
-    ("Vietnam", "베트남", "Hanoi", "하노이"),
-    ("Greece", "그리스", "Athens", "아테네"),
-    ("Argentina", "아르헨티나", "Buenos Aires", "부에노스아이레스"),
-    ("Kenya", "케냐", "Nairobi", "나이로비"),
-    ("Norway", "노르웨이", "Oslo", "오슬로"),
-    ("Sweden", "스웨덴", "Stockholm", "스톡홀름"),
-    ("Portugal", "포르투갈", "Lisbon", "리스본"),
-    ("the Netherlands", "네덜란드", "Amsterdam", "암스테르담"),
-    ("Poland", "폴란드", "Warsaw", "바르샤바"),
-    ("Peru", "페루", "Lima", "리마"),
-    ("Mongolia", "몽골", "Ulaanbaatar", "울란바토르"),
-    ("the Philippines", "필리핀", "Manila", "마닐라"),
-    ("Ireland", "아일랜드", "Dublin", "더블린"),
-    ("Austria", "오스트리아", "Vienna", "빈"),
-    ("Cuba", "쿠바", "Havana", "아바나"),
-]
-
-WEEKDAYS_EN = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-WEEKDAYS_KO = ["월요일", "화요일", "수요일", "목요일", "금요일", "토요일", "일요일"]
-MONTHS_EN = ["January", "February", "March", "April", "May", "June", "July", "August",
-             "September", "October", "November", "December"]
-MONTHS_KO = [f"{m}월" for m in range(1, 13)]
-
-# Each word appears in one pair only, so every question has exactly one answer.
-OPPOSITES_EN = [
-    ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("light", "dark"),
-    ("open", "closed"), ("full", "empty"), ("rich", "poor"), ("early", "late"),
-    ("strong", "weak"), ("hard", "soft"), ("wet", "dry"), ("clean", "dirty"), ("up", "down"),
-    ("day", "night"), ("push", "pull"), ("win", "lose"), ("loud", "quiet"), ("thick", "thin"),
-    ("young", "old"), ("buy", "sell"), ("first", "last"), ("high", "low"), ("near", "far"),
-]
-OPPOSITES_KO = [
-    ("크다", "작다"), ("뜨겁다", "차갑다"), ("빠르다", "느리다"), ("높다", "낮다"),
-    ("길다", "짧다"), ("많다", "적다"), ("밝다", "어둡다"), ("무겁다", "가볍다"),
-    ("넓다", "좁다"), ("쉽다", "어렵다"), ("깨끗하다", "더럽다"), ("강하다", "약하다"),
-    ("가깝다", "멀다"), ("좋다", "나쁘다"), ("두껍다", "얇다"), ("기쁘다", "슬프다"),
-    ("열다", "닫다"), ("사다", "팔다"), ("이기다", "지다"), ("위", "아래"), ("앞", "뒤"),
-    ("낮", "밤"), ("시작", "끝"), ("입구", "출구"),
-]
-
-# (English noun phrase, Korean noun, English colour, Korean colour)
-COLOURS = [
-    ("the sky", "하늘", "blue", "파란색"),
-    ("grass", "풀", "green", "초록색"),
-    ("snow", "눈", "white", "흰색"),
-    ("a banana", "바나나", "yellow", "노란색"),
-    ("coal", "석탄", "black", "검은색"),
-    ("blood", "피", "red", "빨간색"),
-    ("milk", "우유", "white", "흰색"),
-    ("an orange", "오렌지", "orange", "주황색"),
-    ("a tomato", "토마토", "red", "빨간색"),
-    ("a lemon", "레몬", "yellow", "노란색"),
-    ("a strawberry", "딸기", "red", "빨간색"),
-    ("a cucumber", "오이", "green", "초록색"),
-    ("an eggplant", "가지", "purple", "보라색"),
-    ("chocolate", "초콜릿", "brown", "갈색"),
-    ("a cloud", "구름", "white", "흰색"),
-    ("a crow", "까마귀", "black", "검은색"),
-    ("a carrot", "당근", "orange", "주황색"),
-    ("a leaf", "나뭇잎", "green", "초록색"),
-    ("the sea", "바다", "blue", "파란색"),
-    ("salt", "소금", "white", "흰색"),
-]
-
-# English <-> Korean, one meaning each (no 눈 "eye"/"snow" style ambiguity).
-WORDS = [
-    ("apple", "사과"), ("water", "물"), ("book", "책"), ("dog", "개"), ("cat", "고양이"),
-    ("house", "집"), ("school", "학교"), ("friend", "친구"), ("mother", "어머니"),
-    ("father", "아버지"), ("tree", "나무"), ("flower", "꽃"), ("moon", "달"), ("star", "별"),
-    ("rain", "비"), ("river", "강"), ("mountain", "산"), ("bread", "빵"), ("milk", "우유"),
-    ("car", "자동차"), ("chair", "의자"), ("door", "문"), ("hand", "손"), ("bird", "새"),
-    ("fish", "물고기"), ("egg", "달걀"), ("name", "이름"), ("sea", "바다"), ("train", "기차"),
-    ("money", "돈"), ("window", "창문"), ("teacher", "선생님"), ("sun", "태양"), ("cup", "컵"),
-    ("shoe", "신발"), ("clock", "시계"), ("doctor", "의사"), ("baby", "아기"), ("ice", "얼음"),
-    ("key", "열쇠"), ("hat", "모자"), ("paper", "종이"),
-]
-
-# (English animal with article, English sound, Korean animal, Korean sound)
-ANIMAL_SOUNDS = [
-    ("a dog", "woof", "개", "멍멍"), ("a cat", "meow", "고양이", "야옹"),
-    ("a cow", "moo", "소", "음매"), ("a duck", "quack", "오리", "꽥꽥"),
-    ("a pig", "oink", "돼지", "꿀꿀"), ("a rooster", "cock-a-doodle-doo", "수탉", "꼬끼오"),
-    ("a sheep", "baa", "양", "매애"), ("a frog", "ribbit", "개구리", "개굴개굴"),
-    ("an owl", "hoot", "부엉이", "부엉부엉"), ("a bee", "buzz", "벌", "윙윙"),
-    ("a lion", "roar", "사자", "어흥"), ("a chick", "peep", "병아리", "삐약삐약"),
-    ("a mouse", "squeak", "쥐", "찍찍"), ("a crow", "caw", "까마귀", "까악까악"),
-    ("a horse", "neigh", "말", "히힝"),
-]
-
-# Extra words for copying, reversing and counting, so those tasks are not only the words above.
-EXTRA_WORDS_EN = ["orange", "lemon", "garden", "pencil", "table", "music", "summer", "winter",
-                  "rabbit", "tiger", "candle", "kitchen", "bottle", "planet", "silver", "yellow"]
-EXTRA_WORDS_KO = ["바나나", "토마토", "딸기", "사자", "호랑이", "연필", "책상", "음악", "여름",
-                  "겨울", "토끼", "부엌", "병원", "도서관", "비행기", "자전거"]
-
-
-def _cap(text: str) -> str:
-    return text[:1].upper() + text[1:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,11 +69,11 @@ def _addition(rng: random.Random, lang: str) -> list[Triple]:
                             f"What is the sum of {a} and {b}?"])
             out.append((q, "", f"{s}."))
         else:
-            q = rng.choice([f"{a} 더하기 {_topic(str(b))} 얼마인가요?",
-                            f"{a}에 {_obj(str(b))} 더하면 얼마인가요?",
+            q = rng.choice([f"{a} 더하기 {topic(str(b))} 얼마인가요?",
+                            f"{a}에 {obj(str(b))} 더하면 얼마인가요?",
                             f"{a} + {b}의 값은 무엇인가요?",
-                            f"{_and(str(a))} {b}의 합은 얼마인가요?",
-                            f"{a} 더하기 {_obj(str(b))} 계산하세요."])
+                            f"{and_(str(a))} {b}의 합은 얼마인가요?",
+                            f"{a} 더하기 {obj(str(b))} 계산하세요."])
             out.append((q, "", f"{s}입니다."))
     return out
 
@@ -246,10 +89,10 @@ def _subtraction(rng: random.Random, lang: str) -> list[Triple]:
                             f"What is {a} take away {b}?"])
             out.append((q, "", f"{d}."))
         else:
-            q = rng.choice([f"{a} 빼기 {_topic(str(b))} 얼마인가요?",
-                            f"{a}에서 {_obj(str(b))} 빼면 얼마인가요?",
+            q = rng.choice([f"{a} 빼기 {topic(str(b))} 얼마인가요?",
+                            f"{a}에서 {obj(str(b))} 빼면 얼마인가요?",
                             f"{a} - {b}의 값은 무엇인가요?",
-                            f"{_and(str(a))} {b}의 차는 얼마인가요?"])
+                            f"{and_(str(a))} {b}의 차는 얼마인가요?"])
             out.append((q, "", f"{d}입니다."))
     return out
 
@@ -264,8 +107,8 @@ def _larger(rng: random.Random, lang: str) -> list[Triple]:
                             f"Pick the larger number: {a} or {b}."])
             out.append((q, "", f"{m}."))
         else:
-            q = rng.choice([f"{_and(str(a))} {b} 중에서 더 큰 수는 무엇인가요?",
-                            f"{_and(str(a))} {b} 중 어느 수가 더 큰가요?",
+            q = rng.choice([f"{and_(str(a))} {b} 중에서 더 큰 수는 무엇인가요?",
+                            f"{and_(str(a))} {b} 중 어느 수가 더 큰가요?",
                             f"더 큰 수를 고르세요: {a}, {b}"])
             out.append((q, "", f"{m}입니다."))
     return out
@@ -299,14 +142,14 @@ def _capitals(rng: random.Random, lang: str) -> list[Triple]:
             if i in reverse:
                 q = rng.choice([f"{cap_en} is the capital of which country?",
                                 f"Which country has {cap_en} as its capital?"])
-                out.append((q, "", f"{_cap(c_en)}."))
+                out.append((q, "", f"{cap(c_en)}."))
         else:
             q = rng.choice([f"{c_ko}의 수도는 어디인가요?", f"{c_ko}의 수도는 어느 도시인가요?",
                             f"{c_ko}의 수도를 알려 주세요.", f"{c_ko}의 수도 이름은 무엇인가요?"])
             out.append((q, "", f"{cap_ko}입니다."))
             if i in reverse:
-                q = rng.choice([f"{_topic(cap_ko)} 어느 나라의 수도인가요?",
-                                f"{_obj(cap_ko)} 수도로 하는 나라는 어디인가요?"])
+                q = rng.choice([f"{topic(cap_ko)} 어느 나라의 수도인가요?",
+                                f"{obj(cap_ko)} 수도로 하는 나라는 어디인가요?"])
                 out.append((q, "", f"{c_ko}입니다."))
     return out
 
@@ -365,10 +208,10 @@ def _opposites(rng: random.Random, lang: str) -> list[Triple]:
                                 (f"Give the opposite of the word '{w}'.", ""),
                                 (f"Name the antonym of '{w}'.", ""),
                                 ("Write the opposite of this word.", w)])
-                out.append((q[0], q[1], f"{_cap(o)}."))
+                out.append((q[0], q[1], f"{cap(o)}."))
             else:
                 q = rng.choice([(f"'{w}'의 반대말은 무엇인가요?", ""),
-                                (f"{_and(w, quote=True)} 뜻이 반대인 말은 무엇인가요?", ""),
+                                (f"{and_(w, quote=True)} 뜻이 반대인 말은 무엇인가요?", ""),
                                 (f"'{w}'의 반의어를 알려 주세요.", ""),
                                 ("다음 단어의 반대말을 쓰세요.", w)])
                 out.append((q[0], q[1], f"'{o}'입니다."))
@@ -385,10 +228,10 @@ def _colours(rng: random.Random, lang: str) -> list[Triple]:
             for q in rng.sample([f"What colour is {x_en}?", f"What color is {x_en}?",
                                  f"Name the usual colour of {x_en}.",
                                  f"What is the colour of {x_en}?"], k):
-                out.append((q, "", f"{_cap(c_en)}."))
+                out.append((q, "", f"{cap(c_en)}."))
         else:
-            for q in rng.sample([f"{_topic(x_ko)} 무슨 색인가요?", f"{x_ko}의 색깔은 무엇인가요?",
-                                 f"{_topic(x_ko)} 보통 어떤 색인가요?",
+            for q in rng.sample([f"{topic(x_ko)} 무슨 색인가요?", f"{x_ko}의 색깔은 무엇인가요?",
+                                 f"{topic(x_ko)} 보통 어떤 색인가요?",
                                  f"{x_ko}의 색을 알려 주세요."], k):
                 out.append((q, "", f"{c_ko}입니다."))
     return out
@@ -413,9 +256,9 @@ def _translation(rng: random.Random, lang: str) -> list[Triple]:
                             "이 단어를 영어로 바꾸어 주세요."])
             out.append((q, ko, en))
             if i in no_input:
-                q = rng.choice([f"{_obj(ko, quote=True)} 영어로 하면 무엇인가요?",
+                q = rng.choice([f"{obj(ko, quote=True)} 영어로 하면 무엇인가요?",
                                 f"'{ko}'의 영어 단어는 무엇인가요?",
-                                f"{_topic(ko, quote=True)} 영어로 무엇인가요?"])
+                                f"{topic(ko, quote=True)} 영어로 무엇인가요?"])
                 out.append((q, "", en))
     return out
 
@@ -428,10 +271,10 @@ def _animal_sounds(rng: random.Random, lang: str) -> list[Triple]:
         if lang == "en":
             for q in rng.sample([f"What sound does {a_en} make?", f"What does {a_en} say?",
                                  f"How does {a_en} sound?"], k):
-                out.append((q, "", f"{_cap(s_en)}."))
+                out.append((q, "", f"{cap(s_en)}."))
         else:
-            for q in rng.sample([f"{_topic(a_ko)} 어떻게 우나요?",
-                                 f"{_topic(a_ko)} 어떤 소리를 내나요?",
+            for q in rng.sample([f"{topic(a_ko)} 어떻게 우나요?",
+                                 f"{topic(a_ko)} 어떤 소리를 내나요?",
                                  f"{a_ko}의 울음소리는 무엇인가요?"], k):
                 out.append((q, "", f"{s_ko}."))
     return out
@@ -483,7 +326,7 @@ def _count_letters(rng: random.Random, lang: str) -> list[Triple]:
                             ("How many letters does this word have?", w)])
             out.append((q[0], q[1], f"{n}."))
         else:
-            q = rng.choice([(f"{_topic(w, quote=True)} 몇 글자인가요?", ""),
+            q = rng.choice([(f"{topic(w, quote=True)} 몇 글자인가요?", ""),
                             (f"'{w}'의 글자 수는 몇 개인가요?", ""),
                             ("다음 단어는 몇 글자인가요?", w),
                             ("다음 단어의 글자 수를 세어 보세요.", w)])
@@ -557,20 +400,6 @@ def counts_markdown(tagged: list[Tagged]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # Write beside the target and rename, so an interrupted run never leaves half a file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the file ships in the repo, so make it readable
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qlora_kit.tiny.data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -602,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"{args.out}: up to date ({len(tagged)} rows)")
         return 0
-    _write_atomic(args.out, text)
+    write_atomic(args.out, text)
     print(f"wrote {args.out} ({len(tagged)} rows, {len(text.encode('utf-8'))} bytes)")
     return 0
 
