@@ -64,7 +64,7 @@ def tiny_repo(tmp_path_factory) -> Path:
 def test_report_shows_learning_and_eos_rates(tiny_repo):
     m = json.loads((tiny_repo / "reports/tiny/metrics.json").read_text())
     assert m["val_loss_after"] < 0.75 * m["val_loss_before"], m
-    assert 0.0 <= m["hf"]["eos_rate"] <= 1.0
+    assert m["hf"]["eos_rate"] > 0.5, m["hf"]  # the trained model learned to stop (untrained: ~0)
     assert set(m["gguf"]) == {"f16", "q8_0", "q4_k_m"}
     for q in m["gguf"].values():
         assert "eos_rate" in q and q["val_loss"] < m["val_loss_before"]

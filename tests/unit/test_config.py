@@ -66,9 +66,16 @@ def test_quirk_switch_applies_corrected_values(tmp_path):
         load_recipe(str(_recipe(tmp_path, bad)))
 
 
-def test_sections_for_stage_cover_the_stage():
-    r = load_recipe("tiny")
-    assert set(r.sections_for("train")) == set(STAGE_SECTIONS["train"])
+def test_a_stage_records_the_values_it_reads_and_only_those():
+    base = load_recipe("tiny")
+    changed = load_recipe("tiny", parse_overrides(["train.learning_rate=0.5", "eval.max_new_tokens=7"]))
+    assert changed.sections_for("train")["train"]["learning_rate"] == 0.5
+    assert base.sections_for("train")["train"]["learning_rate"] == base.train.learning_rate != 0.5
+    # evaluate reads eval but not train: its recorded config moves with eval only
+    assert changed.sections_for("evaluate")["eval"]["max_new_tokens"] == 7
+    assert "train" not in changed.sections_for("evaluate")
+    assert "eval" not in changed.sections_for("train")
+    assert changed.sections_for("preprocess") == base.sections_for("preprocess")
 
 
 @pytest.mark.parametrize("stage", list(STAGE_SECTIONS))

@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import re
-from pathlib import Path
 
 import pytest
 
@@ -90,9 +89,7 @@ def test_alpagasus_question_per_test_set():
         alpagasus_question({}, "wizardlm")
 
 
-def test_komt_prompt_is_ours_and_fills_placeholders_once():
-    source = Path(judge_prompts.__file__).read_text(encoding="utf-8")
-    assert "OURS, NOT THE SOURCE'S" in source  # the provenance comment must stay
+def test_komt_prompt_fills_placeholders_once():
     messages = komt_messages("질문에 {answer} 라는 글자가 있다", "답변 {question}")
     assert len(messages) == 1 and messages[0]["role"] == "user"
     content = messages[0]["content"]
