@@ -25,3 +25,15 @@ def test_gpu_smoke_refuses_without_cuda_unless_asked():
         pytest.skip("CUDA present")
     res = subprocess.run([sys.executable, str(REPO / "bench/gpu_smoke.py")], capture_output=True, text=True)
     assert res.returncode == 1 and "no CUDA device" in res.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_smoke_trains_on_cuda_in_4_and_8_bit():
+    """On a CUDA machine `make test` runs the real thing: both precisions on the device."""
+    res = subprocess.run([sys.executable, str(REPO / "bench/gpu_smoke.py"), "--steps", "4"],
+                         capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("gpu-smoke: ")]
+    text = "\n".join(lines)
+    assert '"device": "cpu"' not in text and '"bits": 4' in text and '"bits": 8' in text, lines
+    assert lines[-1] == "gpu-smoke: ok"
