@@ -293,8 +293,6 @@ class Eval(_Section):
     top_k: int = 0
     repetition_penalty: float = 1.0
     num_prompts: int = 16  # held-out validation prompts to generate from
-    prompts_file: str = ""  # recipe eval prompts (JSON lines with "instruction"[, "input"])
-    val_batch: int = 16
     prompt_sets: tuple[PromptSet, ...] = ()  # the source's evaluation inputs, by reference
     # LLM judge (OpenAI-compatible endpoint) for prompt sets with judge komt/alpagasus. The
     # environment variables QLORA_KIT_JUDGE_BASE_URL / QLORA_KIT_JUDGE_MODEL override these; the
