@@ -29,13 +29,28 @@ import json
 import random
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from qlora_kit.artifacts import write_atomic
 from qlora_kit.tiny.tables import (
-    ANIMAL_SOUNDS, CAPITALS, COLOURS, EXTRA_WORDS_EN, EXTRA_WORDS_KO, MONTHS_EN, MONTHS_KO,
-    OPPOSITES_EN, OPPOSITES_KO, WEEKDAYS_EN, WEEKDAYS_KO, WORDS, and_, cap, obj, topic,
+    ANIMAL_SOUNDS,
+    CAPITALS,
+    COLOURS,
+    EXTRA_WORDS_EN,
+    EXTRA_WORDS_KO,
+    MONTHS_EN,
+    MONTHS_KO,
+    OPPOSITES_EN,
+    OPPOSITES_KO,
+    WEEKDAYS_EN,
+    WEEKDAYS_KO,
+    WORDS,
+    and_,
+    cap,
+    obj,
+    topic,
 )
 
 SHIPPED_PATH = Path(__file__).resolve().parent / "assets" / "tiny_alpaca.json"
@@ -58,74 +73,54 @@ class Tagged(NamedTuple):
 Triple = tuple[str, str, str]
 
 
+def _numeric(rng: random.Random, lang: str, pairs: list[tuple[int, int]], answer: Callable[[int, int], int],
+             en: Callable[[int, int], list[str]], ko: Callable[[int, int], list[str]]) -> list[Triple]:
+    """One question per pair, phrased by the language's template list; the answer is a number."""
+    ask, end = (en, ".") if lang == "en" else (ko, "입니다.")
+    return [(rng.choice(ask(a, b)), "", f"{answer(a, b)}{end}") for a, b in pairs]
+
+
 def _addition(rng: random.Random, lang: str) -> list[Triple]:
     pairs = rng.sample([(a, b) for a in range(10) for b in range(10)], 40)
-    out = []
-    for a, b in pairs:
-        s = a + b
-        if lang == "en":
-            q = rng.choice([f"What is {a} plus {b}?", f"Add {a} and {b}.", f"Compute {a} + {b}.",
-                            f"What do you get when you add {b} to {a}?",
-                            f"What is the sum of {a} and {b}?"])
-            out.append((q, "", f"{s}."))
-        else:
-            q = rng.choice([f"{a} 더하기 {topic(str(b))} 얼마인가요?",
-                            f"{a}에 {obj(str(b))} 더하면 얼마인가요?",
-                            f"{a} + {b}의 값은 무엇인가요?",
-                            f"{and_(str(a))} {b}의 합은 얼마인가요?",
-                            f"{a} 더하기 {obj(str(b))} 계산하세요."])
-            out.append((q, "", f"{s}입니다."))
-    return out
+    return _numeric(rng, lang, pairs, lambda a, b: a + b,
+                    lambda a, b: [f"What is {a} plus {b}?", f"Add {a} and {b}.", f"Compute {a} + {b}.",
+                                  f"What do you get when you add {b} to {a}?",
+                                  f"What is the sum of {a} and {b}?"],
+                    lambda a, b: [f"{a} 더하기 {topic(str(b))} 얼마인가요?",
+                                  f"{a}에 {obj(str(b))} 더하면 얼마인가요?",
+                                  f"{a} + {b}의 값은 무엇인가요?",
+                                  f"{and_(str(a))} {b}의 합은 얼마인가요?",
+                                  f"{a} 더하기 {obj(str(b))} 계산하세요."])
 
 
 def _subtraction(rng: random.Random, lang: str) -> list[Triple]:
     pairs = rng.sample([(a, b) for a in range(10) for b in range(a + 1)], 30)
-    out = []
-    for a, b in pairs:
-        d = a - b
-        if lang == "en":
-            q = rng.choice([f"What is {a} minus {b}?", f"Subtract {b} from {a}.",
-                            f"Compute {a} - {b}.", f"What do you get when you take {b} from {a}?",
-                            f"What is {a} take away {b}?"])
-            out.append((q, "", f"{d}."))
-        else:
-            q = rng.choice([f"{a} 빼기 {topic(str(b))} 얼마인가요?",
-                            f"{a}에서 {obj(str(b))} 빼면 얼마인가요?",
-                            f"{a} - {b}의 값은 무엇인가요?",
-                            f"{and_(str(a))} {b}의 차는 얼마인가요?"])
-            out.append((q, "", f"{d}입니다."))
-    return out
+    return _numeric(rng, lang, pairs, lambda a, b: a - b,
+                    lambda a, b: [f"What is {a} minus {b}?", f"Subtract {b} from {a}.",
+                                  f"Compute {a} - {b}.", f"What do you get when you take {b} from {a}?",
+                                  f"What is {a} take away {b}?"],
+                    lambda a, b: [f"{a} 빼기 {topic(str(b))} 얼마인가요?",
+                                  f"{a}에서 {obj(str(b))} 빼면 얼마인가요?",
+                                  f"{a} - {b}의 값은 무엇인가요?",
+                                  f"{and_(str(a))} {b}의 차는 얼마인가요?"])
 
 
 def _larger(rng: random.Random, lang: str) -> list[Triple]:
     pairs = rng.sample([(a, b) for a in range(10) for b in range(10) if a != b], 25)
-    out = []
-    for a, b in pairs:
-        m = max(a, b)
-        if lang == "en":
-            q = rng.choice([f"Which is larger, {a} or {b}?", f"Which number is bigger: {a} or {b}?",
-                            f"Pick the larger number: {a} or {b}."])
-            out.append((q, "", f"{m}."))
-        else:
-            q = rng.choice([f"{and_(str(a))} {b} 중에서 더 큰 수는 무엇인가요?",
-                            f"{and_(str(a))} {b} 중 어느 수가 더 큰가요?",
-                            f"더 큰 수를 고르세요: {a}, {b}"])
-            out.append((q, "", f"{m}입니다."))
-    return out
+    return _numeric(rng, lang, pairs, max,
+                    lambda a, b: [f"Which is larger, {a} or {b}?", f"Which number is bigger: {a} or {b}?",
+                                  f"Pick the larger number: {a} or {b}."],
+                    lambda a, b: [f"{and_(str(a))} {b} 중에서 더 큰 수는 무엇인가요?",
+                                  f"{and_(str(a))} {b} 중 어느 수가 더 큰가요?",
+                                  f"더 큰 수를 고르세요: {a}, {b}"])
 
 
 def _next_number(rng: random.Random, lang: str) -> list[Triple]:
-    out = []
-    for n in range(20):
-        if lang == "en":
-            q = rng.choice([f"What number comes after {n}?", f"What is the next number after {n}?",
-                            f"Which number follows {n}?"])
-            out.append((q, "", f"{n + 1}."))
-        else:
-            q = rng.choice([f"{n} 다음 숫자는 무엇인가요?", f"{n} 다음에 오는 수는 무엇인가요?",
-                            f"{n}보다 1 큰 수는 무엇인가요?"])
-            out.append((q, "", f"{n + 1}입니다."))
-    return out
+    return _numeric(rng, lang, [(n, 1) for n in range(20)], lambda n, one: n + one,
+                    lambda n, _: [f"What number comes after {n}?", f"What is the next number after {n}?",
+                                  f"Which number follows {n}?"],
+                    lambda n, _: [f"{n} 다음 숫자는 무엇인가요?", f"{n} 다음에 오는 수는 무엇인가요?",
+                                  f"{n}보다 1 큰 수는 무엇인가요?"])
 
 
 def _capitals(rng: random.Random, lang: str) -> list[Triple]:
@@ -154,48 +149,43 @@ def _capitals(rng: random.Random, lang: str) -> list[Triple]:
     return out
 
 
-def _weekdays(rng: random.Random, lang: str) -> list[Triple]:
-    names = WEEKDAYS_EN if lang == "en" else WEEKDAYS_KO
+Phrasings = Callable[[str], list[str]]
+
+
+def _cycle(lang: str, names: list[str], pick: Callable[[list[str]], list[str]],
+           after: tuple[Phrasings, Phrasings], before: tuple[Phrasings, Phrasings]) -> list[Triple]:
+    """Next and previous item of a cycle (weekdays, months); `pick` chooses the phrasings asked."""
+    k = 0 if lang == "en" else 1
+    end = "." if lang == "en" else "입니다."
     out = []
     for i, d in enumerate(names):
-        nxt, prv = names[(i + 1) % 7], names[(i - 1) % 7]
-        # Two phrasings per fact: there are only 14 facts, and the week is a cycle worth seeing.
-        if lang == "en":
-            for q in rng.sample([f"What day comes after {d}?", f"Which day of the week follows {d}?",
-                                 f"What is the day after {d}?"], 2):
-                out.append((q, "", f"{nxt}."))
-            for q in rng.sample([f"What day comes before {d}?",
-                                 f"Which day of the week comes right before {d}?",
-                                 f"What is the day before {d}?"], 2):
-                out.append((q, "", f"{prv}."))
-        else:
-            for q in rng.sample([f"{d} 다음은 무슨 요일인가요?", f"{d} 다음 날은 무슨 요일인가요?",
-                                 f"{d} 다음에 오는 요일은 무엇인가요?"], 2):
-                out.append((q, "", f"{nxt}입니다."))
-            for q in rng.sample([f"{d} 전날은 무슨 요일인가요?", f"{d} 바로 전 요일은 무엇인가요?",
-                                 f"{d} 앞에 오는 요일은 무엇인가요?"], 2):
-                out.append((q, "", f"{prv}입니다."))
+        nxt, prv = names[(i + 1) % len(names)], names[(i - 1) % len(names)]
+        out += [(q, "", f"{nxt}{end}") for q in pick(after[k](d))]
+        out += [(q, "", f"{prv}{end}") for q in pick(before[k](d))]
     return out
+
+
+def _weekdays(rng: random.Random, lang: str) -> list[Triple]:
+    # Two phrasings per fact: there are only 14 facts, and the week is a cycle worth seeing.
+    return _cycle(lang, WEEKDAYS_EN if lang == "en" else WEEKDAYS_KO, lambda qs: rng.sample(qs, 2),
+                  (lambda d: [f"What day comes after {d}?", f"Which day of the week follows {d}?",
+                              f"What is the day after {d}?"],
+                   lambda d: [f"{d} 다음은 무슨 요일인가요?", f"{d} 다음 날은 무슨 요일인가요?",
+                              f"{d} 다음에 오는 요일은 무엇인가요?"]),
+                  (lambda d: [f"What day comes before {d}?", f"Which day of the week comes right before {d}?",
+                              f"What is the day before {d}?"],
+                   lambda d: [f"{d} 전날은 무슨 요일인가요?", f"{d} 바로 전 요일은 무엇인가요?",
+                              f"{d} 앞에 오는 요일은 무엇인가요?"]))
 
 
 def _months(rng: random.Random, lang: str) -> list[Triple]:
-    names = MONTHS_EN if lang == "en" else MONTHS_KO
-    out = []
-    for i, m in enumerate(names):
-        nxt, prv = names[(i + 1) % 12], names[(i - 1) % 12]
-        if lang == "en":
-            q = rng.choice([f"What month comes after {m}?", f"Which month follows {m}?",
-                            f"What is the month after {m}?"])
-            out.append((q, "", f"{nxt}."))
-            q = rng.choice([f"What month comes before {m}?", f"Which month comes right before {m}?",
-                            f"What is the month before {m}?"])
-            out.append((q, "", f"{prv}."))
-        else:
-            q = rng.choice([f"{m} 다음 달은 몇 월인가요?", f"{m} 다음에 오는 달은 무엇인가요?"])
-            out.append((q, "", f"{nxt}입니다."))
-            q = rng.choice([f"{m} 이전 달은 몇 월인가요?", f"{m} 바로 앞의 달은 무엇인가요?"])
-            out.append((q, "", f"{prv}입니다."))
-    return out
+    return _cycle(lang, MONTHS_EN if lang == "en" else MONTHS_KO, lambda qs: [rng.choice(qs)],
+                  (lambda m: [f"What month comes after {m}?", f"Which month follows {m}?",
+                              f"What is the month after {m}?"],
+                   lambda m: [f"{m} 다음 달은 몇 월인가요?", f"{m} 다음에 오는 달은 무엇인가요?"]),
+                  (lambda m: [f"What month comes before {m}?", f"Which month comes right before {m}?",
+                              f"What is the month before {m}?"],
+                   lambda m: [f"{m} 이전 달은 몇 월인가요?", f"{m} 바로 앞의 달은 무엇인가요?"]))
 
 
 def _opposites(rng: random.Random, lang: str) -> list[Triple]:
@@ -218,66 +208,50 @@ def _opposites(rng: random.Random, lang: str) -> list[Triple]:
     return out
 
 
-def _colours(rng: random.Random, lang: str) -> list[Triple]:
+def _once_or_twice(rng: random.Random, table: list, ask: Callable[..., tuple[list[str], str]]) -> list[Triple]:
+    """Every item asked once; a random half of them a second time in another phrasing."""
+    twice = set(rng.sample(range(len(table)), len(table) // 2))
     out = []
-    # Every thing once; half of them a second time in another phrasing.
-    twice = set(rng.sample(range(len(COLOURS)), len(COLOURS) // 2))
-    for i, (x_en, x_ko, c_en, c_ko) in enumerate(COLOURS):
-        k = 2 if i in twice else 1
-        if lang == "en":
-            for q in rng.sample([f"What colour is {x_en}?", f"What color is {x_en}?",
-                                 f"Name the usual colour of {x_en}.",
-                                 f"What is the colour of {x_en}?"], k):
-                out.append((q, "", f"{cap(c_en)}."))
-        else:
-            for q in rng.sample([f"{topic(x_ko)} 무슨 색인가요?", f"{x_ko}의 색깔은 무엇인가요?",
-                                 f"{topic(x_ko)} 보통 어떤 색인가요?",
-                                 f"{x_ko}의 색을 알려 주세요."], k):
-                out.append((q, "", f"{c_ko}입니다."))
+    for i, item in enumerate(table):
+        phrasings, answer = ask(*item)
+        out += [(q, "", answer) for q in rng.sample(phrasings, 2 if i in twice else 1)]
     return out
+
+
+def _colours(rng: random.Random, lang: str) -> list[Triple]:
+    en = lang == "en"
+    return _once_or_twice(rng, COLOURS, lambda x_en, x_ko, c_en, c_ko: (
+        [f"What colour is {x_en}?", f"What color is {x_en}?", f"Name the usual colour of {x_en}.",
+         f"What is the colour of {x_en}?"] if en else
+        [f"{topic(x_ko)} 무슨 색인가요?", f"{x_ko}의 색깔은 무엇인가요?", f"{topic(x_ko)} 보통 어떤 색인가요?",
+         f"{x_ko}의 색을 알려 주세요."], f"{cap(c_en)}." if en else f"{c_ko}입니다."))
 
 
 def _translation(rng: random.Random, lang: str) -> list[Triple]:
     """English instructions translate English -> Korean; Korean ones Korean -> English."""
+    to_ko = lang == "en"
     out = []
     no_input = set(rng.sample(range(len(WORDS)), len(WORDS) // 2))
     for i, (en, ko) in enumerate(WORDS):
-        if lang == "en":
-            q = rng.choice(["Translate this word into Korean.", "Give the Korean word for this.",
-                            "What is this word in Korean?"])
-            out.append((q, en, ko))
-            if i in no_input:
-                q = rng.choice([f"What is the Korean word for '{en}'?",
-                                f"How do you say '{en}' in Korean?",
-                                f"Translate '{en}' into Korean."])
-                out.append((q, "", ko))
-        else:
-            q = rng.choice(["다음 단어를 영어로 번역하세요.", "다음 단어는 영어로 무엇인가요?",
-                            "이 단어를 영어로 바꾸어 주세요."])
-            out.append((q, ko, en))
-            if i in no_input:
-                q = rng.choice([f"{obj(ko, quote=True)} 영어로 하면 무엇인가요?",
-                                f"'{ko}'의 영어 단어는 무엇인가요?",
-                                f"{topic(ko, quote=True)} 영어로 무엇인가요?"])
-                out.append((q, "", en))
+        src, tgt = (en, ko) if to_ko else (ko, en)
+        out.append((rng.choice(["Translate this word into Korean.", "Give the Korean word for this.",
+                                "What is this word in Korean?"] if to_ko else
+                               ["다음 단어를 영어로 번역하세요.", "다음 단어는 영어로 무엇인가요?",
+                                "이 단어를 영어로 바꾸어 주세요."]), src, tgt))
+        if i in no_input:
+            out.append((rng.choice([f"What is the Korean word for '{en}'?", f"How do you say '{en}' in Korean?",
+                                    f"Translate '{en}' into Korean."] if to_ko else
+                                   [f"{obj(ko, quote=True)} 영어로 하면 무엇인가요?", f"'{ko}'의 영어 단어는 무엇인가요?",
+                                    f"{topic(ko, quote=True)} 영어로 무엇인가요?"]), "", tgt))
     return out
 
 
 def _animal_sounds(rng: random.Random, lang: str) -> list[Triple]:
-    out = []
-    twice = set(rng.sample(range(len(ANIMAL_SOUNDS)), len(ANIMAL_SOUNDS) // 2))
-    for i, (a_en, s_en, a_ko, s_ko) in enumerate(ANIMAL_SOUNDS):
-        k = 2 if i in twice else 1
-        if lang == "en":
-            for q in rng.sample([f"What sound does {a_en} make?", f"What does {a_en} say?",
-                                 f"How does {a_en} sound?"], k):
-                out.append((q, "", f"{cap(s_en)}."))
-        else:
-            for q in rng.sample([f"{topic(a_ko)} 어떻게 우나요?",
-                                 f"{topic(a_ko)} 어떤 소리를 내나요?",
-                                 f"{a_ko}의 울음소리는 무엇인가요?"], k):
-                out.append((q, "", f"{s_ko}."))
-    return out
+    en = lang == "en"
+    return _once_or_twice(rng, ANIMAL_SOUNDS, lambda a_en, s_en, a_ko, s_ko: (
+        [f"What sound does {a_en} make?", f"What does {a_en} say?", f"How does {a_en} sound?"] if en else
+        [f"{topic(a_ko)} 어떻게 우나요?", f"{topic(a_ko)} 어떤 소리를 내나요?", f"{a_ko}의 울음소리는 무엇인가요?"],
+        f"{cap(s_en)}." if en else f"{s_ko}."))
 
 
 def _word_pool(lang: str) -> list[str]:
