@@ -98,7 +98,7 @@ def hub_errors(what: str, repo: str, repo_type: str, revision: str | None, recip
         raise FetchError(f"{what}: {at} has no such file ({_short(e)})") from e
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, *transport) as e:
         if _http_status(e) == 404:  # the Hub answered: the repo, revision or file does not exist there
-            raise FetchError(f"{what}: {repo_type} {at} not found on {constants.ENDPOINT} (HTTP 404): check the "
+            raise FetchError(f"{what}: {repo_type} repo {at} not found on {constants.ENDPOINT} (HTTP 404): check the "
                              "repo id and revision the recipe pins (a private repo needs HF_TOKEN)") from e
         cache = f"the Hugging Face cache ({constants.HF_HUB_CACHE}) does not hold {at} (or holds it incompletely)"
         if unreachable:
