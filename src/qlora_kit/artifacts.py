@@ -104,7 +104,7 @@ def clear_dead_partials(folders: Iterator[Path] | list[Path]) -> list[Path]:
     return removed
 
 
-def _check_target(final: Path) -> None:
+def check_target(final: Path) -> None:
     """Refuse an output that is a symlink, or whose folder leads out of the checkout."""
     from qlora_kit.layout import root
 
@@ -139,7 +139,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     killed run never looks finished (and the next stage run removes it: `clear_dead_partials`).
     """
     final = Path(final)
-    _check_target(final)
+    check_target(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     clear_stale_partials(final)
     tmp = _partial_name(final)
@@ -161,7 +161,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 def write_atomic(path: Path, data: str | bytes) -> None:
     path = Path(path)
-    _check_target(path)
+    check_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _partial_name(path)
     try:

@@ -18,6 +18,8 @@ from qlora_kit.errors import DataError
 from qlora_kit.judge import replay as judge_replay
 
 STAGES = tuple(STAGE_SECTIONS)
+STAGE_OUTPUTS = {"fetch": ("raw", "base"), "preprocess": ("processed",), "train": ("adapter",),
+                 "merge": ("merged",), "quantize": ("gguf",), "evaluate": ("reports",)}
 STAGE_HELP = {
     "fetch": "put the base model and the raw data in place (tiny: build them offline)",
     "preprocess": "render, tokenize, mask labels, split; write the data report",
@@ -93,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
             p = layout.paths(recipe.name)  # a killed run's *.partial-PID folders go first
             artifacts.clear_dead_partials([p.raw.parent, p.base.parent, p.reports])
+            for out in STAGE_OUTPUTS.get(args.command, ()):  # symlinked outputs: refused before any work
+                artifacts.check_target(getattr(p, out))
             module = importlib.import_module(f"qlora_kit.{args.command}")
             module.run(recipe, overrides)
             return 0
