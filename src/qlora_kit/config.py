@@ -4,9 +4,10 @@ Every stage reads its recipe through `load_recipe(name, overrides)` and then onl
 named for it in `STAGE_SECTIONS`; `dvc.yaml` declares exactly those sections as the stage's params
 (a test checks the two agree), so editing a value reruns exactly the stages that read it.
 
-An unknown key, a wrong type or an impossible combination raises `RecipeError`, whose message
-names the file, the line and the dotted key; the CLI turns it into exit code 2 before any stage
-writes anything.
+An unknown key, a wrong type, a value out of its range or an impossible combination raises
+`RecipeError`, whose one-line message names the file, the line and the dotted key; the CLI turns
+it into exit code 2 before any stage writes anything. The checks around the schema (safe YAML,
+names, `--set`, which keys a quirk may set) live in `config_checks.py`.
 
     python -c "from qlora_kit.config import load_recipe; print(load_recipe('tiny'))"
 """
