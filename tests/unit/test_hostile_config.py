@@ -211,3 +211,20 @@ def test_turning_on_foreign_code_warns_naming_what_will_run(capsys):
     assert "warning" in err and "model.trust_remote_code is on" in err and "Python files" in err
     load_recipe("tiny")
     assert capsys.readouterr().err == ""
+
+
+def test_a_model_folder_whose_code_will_run_is_named_in_a_warning(tmp_path, capsys):
+    import json
+
+    from qlora_kit.sources import model_safety
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "modeling_x.X"}}))
+    (folder / "modeling_x.py").write_text("print('hello')\n")
+    (folder / "pytorch_model.bin").write_bytes(b"pickle")
+    model = load_recipe("tiny", cli.parse_overrides(["model.trust_remote_code=true", "model.allow_pickle=true"])).model
+    capsys.readouterr()
+    model_safety.check(folder, model)
+    err = capsys.readouterr().err
+    assert f"{folder}: will run modeling_x.py (trust_remote_code) and unpickling pytorch_model.bin (allow_pickle)" in err
