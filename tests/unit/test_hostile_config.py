@@ -70,6 +70,15 @@ def test_enable_refuses_a_file_name_with_shell_characters_and_dvc_quotes_the_nam
     assert all(s["do"]["cmd"].endswith("--recipe '${item}'") for s in stages.values())
 
 
+def test_enable_adds_a_good_recipe_and_refuses_one_outside_recipes(root, tmp_path, capsys):
+    (root / "recipes" / "mine.yaml").write_text(TINY, encoding="utf-8")
+    assert cli.main(["enable", "mine"]) == 0
+    assert yaml.safe_load((root / "params.yaml").read_text())["recipes"] == ["tiny", "mine"]
+    outside = tmp_path / "elsewhere.yaml"
+    outside.write_text(TINY, encoding="utf-8")
+    assert "only recipes in" in refused(capsys, tmp_path / "kit" / "recipes", "enable", str(outside))
+
+
 def test_a_hand_edited_params_list_cannot_run_a_shell_command_through_dvc(tmp_path):
     repo = copy_repo(tmp_path / "repo")
     (repo / "recipes" / "t$(touch PWNED).yaml").write_text(TINY, encoding="utf-8")
