@@ -123,7 +123,8 @@ def test_a_duplicate_key_inside_a_section_is_refused(root, tmp_path, capsys):
     text = TINY.replace("\ntrain:\n", "\ntrain:\n  learning_rate: 0.5\n")
     p.write_text(text, encoding="utf-8")
     err = refused(capsys, tmp_path, "train", "--recipe", "dup2")
-    assert re.search(rf"dup2.yaml:\d+: train.learning_rate: duplicate key \(first at line {line_of(text, '0.5')}\)", err)
+    first = line_of(text, "0.5")
+    assert re.search(rf"dup2.yaml:\d+: train.learning_rate: duplicate key \(first at line {first}\)", err)
 
 
 # --- values --------------------------------------------------------------------------------
@@ -236,4 +237,5 @@ def test_a_model_folder_whose_code_will_run_is_named_in_a_warning(tmp_path, caps
     capsys.readouterr()
     model_safety.check(folder, model)
     err = capsys.readouterr().err
-    assert f"{folder}: will run modeling_x.py (trust_remote_code) and unpickling pytorch_model.bin (allow_pickle)" in err
+    assert f"{folder}: will run modeling_x.py (trust_remote_code) and unpickling pytorch_model.bin " \
+           "(allow_pickle)" in err

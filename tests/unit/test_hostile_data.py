@@ -44,9 +44,10 @@ def array(tmp_path: Path, items: list[str], name: str = "rows.json") -> Path:
     return p
 
 
+TOO_DEEP = r"the row is nested deeper than the JSON decoder"
 CASES = {
-    "too_deep": ('{"instruction": "a", "output": "b", "extra": %s}' % deep(), r"the row is nested deeper than the JSON decoder"),
-    "too_deep_row": (deep(), r"the row is nested deeper than the JSON decoder"),
+    "too_deep": ('{"instruction": "a", "output": "b", "extra": %s}' % deep(), TOO_DEEP),
+    "too_deep_row": (deep(), TOO_DEEP),
     "number_too_large": ('{"instruction": "a", "output": "b", "id": %s}' % ("9" * 5000),
                          rf"field 'id' holds an integer of more than {MAX_INT_DIGITS} digits"),
     "number_in_a_field": ('{"instruction": "a", "output": %s}' % ("1" * 5000), r"field 'output' holds an integer"),

@@ -54,7 +54,8 @@ def merged_root(tmp_path, monkeypatch, tiny_llama):
     monkeypatch.setenv("QLORA_KIT_ROOT", str(root))
     monkeypatch.chdir(root)
     adapter = root / "models" / "tiny" / "adapter"
-    artifacts.write_json(adapter / "manifest.json", {"stage": "train", "facts": {"files": artifacts.hash_tree(adapter)}})
+    files = artifacts.hash_tree(adapter)
+    artifacts.write_json(adapter / "manifest.json", {"stage": "train", "facts": {"files": files}})
     return root
 
 

@@ -194,7 +194,7 @@ def download_url(url: str, final: Path, *, label: str = "data", timeout: float |
                 delay = min(backoff * 2 ** (attempt - 1), BACKOFF_MAX_S)
                 if t.retry_after is not None:
                     delay = min(max(delay, t.retry_after), BACKOFF_MAX_S)
-                if attempt >= attempts or spent + delay > budget:
+                if attempt >= attempts or spent + delay > budget or time.monotonic() + delay > deadline:
                     raise FetchError(f"{label}: {url}: gave up after {attempt} attempt(s) in {spent:.1f} s; "
                                      f"last error: {t.reason}") from None
                 _log(f"{label}: {t.reason}; retry {attempt}/{attempts - 1} in {delay:g} s")
