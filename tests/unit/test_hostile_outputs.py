@@ -200,3 +200,17 @@ def test_cli_turns_disk_full_into_exit_2(root, monkeypatch, capsys):
     monkeypatch.setattr(pre, "run", full)
     err = one_line_exit(capsys, "preprocess", "--recipe", "tiny")
     assert "disk full while writing" in err
+
+
+def test_a_big_file_is_checked_by_the_kind_of_id_its_manifest_recorded(tmp_path):
+    # hash_tree names files over HASH_LIMIT by size; quantize records a full sha256 whatever the size
+    import hashlib
+
+    f = tmp_path / "model-q8_0.gguf"
+    f.write_bytes(b"q" * 1000)
+    artifacts.verify_recorded(tmp_path, {f.name: hashlib.sha256(b"q" * 1000).hexdigest()}, "quantize", "tiny")
+    artifacts.verify_recorded(tmp_path, {f.name: "size:1000"}, "train", "tiny")
+    with pytest.raises(IntegrityError, match="is damaged: size:1000 differs from size:999"):
+        artifacts.verify_recorded(tmp_path, {f.name: "size:999"}, "train", "tiny")
+    with pytest.raises(IntegrityError, match=r"model-f16.gguf is missing .*rerun `qlora-kit quantize --recipe tiny`"):
+        artifacts.verify_recorded(tmp_path, {"model-f16.gguf": "0" * 64}, "quantize", "tiny")
