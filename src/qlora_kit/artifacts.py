@@ -49,17 +49,18 @@ INCOMPLETE = "INCOMPLETE"  # marker inside a folder still being written; removed
 HASH_LIMIT = 256 << 20  # larger files (weight shards) are named by size: DVC hashes them already
 
 
-def _file_id(p: Path) -> str:
+def _file_id(p: Path, full: bool = False) -> str:
     size = p.stat().st_size
-    return sha256_file(p) if size <= HASH_LIMIT else f"size:{size}"
+    return sha256_file(p) if full or size <= HASH_LIMIT else f"size:{size}"
 
 
-def hash_tree(path: Path) -> dict[str, str]:
-    """sha256 of every file under a folder (or of the file itself), by relative path."""
+def hash_tree(path: Path, full: bool = False) -> dict[str, str]:
+    """sha256 of every file under a folder (or of the file itself), by relative path; files over
+    HASH_LIMIT are named by size unless `full`."""
     path = Path(path)
     if path.is_file():
-        return {path.name: _file_id(path)}
-    return {str(p.relative_to(path)): _file_id(p) for p in sorted(path.rglob("*"))
+        return {path.name: _file_id(path, full)}
+    return {str(p.relative_to(path)): _file_id(p, full) for p in sorted(path.rglob("*"))
             if p.is_file() and p.name not in ("manifest.json", INCOMPLETE)}
 
 
