@@ -8,10 +8,12 @@ versions and timings. It never records environment variables (tokens live there)
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from qlora_kit.config import Recipe
+from qlora_kit.errors import IntegrityError, OutputError
 
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "trl", "accelerate", "datasets",
             "huggingface-hub", "sentencepiece", "tokenizers", "safetensors", "llama-cpp-python", "dvc")
@@ -42,21 +45,23 @@ def git_blob_id(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+INCOMPLETE = "INCOMPLETE"  # marker inside a folder still being written; removed last
 HASH_LIMIT = 256 << 20  # larger files (weight shards) are named by size: DVC hashes them already
 
 
-def _file_id(p: Path) -> str:
+def _file_id(p: Path, full: bool = False) -> str:
     size = p.stat().st_size
-    return sha256_file(p) if size <= HASH_LIMIT else f"size:{size}"
+    return sha256_file(p) if full or size <= HASH_LIMIT else f"size:{size}"
 
 
-def hash_tree(path: Path) -> dict[str, str]:
-    """sha256 of every file under a folder (or of the file itself), by relative path."""
+def hash_tree(path: Path, full: bool = False) -> dict[str, str]:
+    """sha256 of every file under a folder (or of the file itself), by relative path; files over
+    HASH_LIMIT are named by size unless `full`."""
     path = Path(path)
     if path.is_file():
-        return {path.name: _file_id(path)}
-    return {str(p.relative_to(path)): _file_id(p) for p in sorted(path.rglob("*"))
-            if p.is_file() and p.name != "manifest.json"}
+        return {path.name: _file_id(path, full)}
+    return {str(p.relative_to(path)): _file_id(p, full) for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name not in ("manifest.json", INCOMPLETE)}
 
 
 def package_versions() -> dict[str, str]:
@@ -78,30 +83,110 @@ def clear_stale_partials(final: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()
+
+
+def clear_dead_partials(folders: Iterator[Path] | list[Path]) -> list[Path]:
+    """Remove every `*.partial-PID` under `folders` whose process is gone (a killed run's leftovers)."""
+    removed = []
+    for top in folders:
+        for stale in sorted(Path(top).glob("**/*.partial-*")) if Path(top).is_dir() else ():
+            pid = stale.name.rpartition(".partial-")[2]
+            if pid.isdigit() and not _alive(int(pid)) and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+                removed.append(stale)
+    return removed
+
+
+def check_target(final: Path) -> None:
+    """Refuse an output that is a symlink, or whose folder leads out of the checkout."""
+    from qlora_kit.layout import root
+
+    if final.is_symlink():
+        raise OutputError(f"{final}: the output is a symlink (to {os.readlink(final)}); the kit replaces an output "
+                          "whole, so it refuses symlinked outputs. Remove the link (a folder on another disk: "
+                          "point QLORA_KIT_ROOT or the DVC cache there instead)")
+    top = root().absolute()
+    if final.absolute().is_relative_to(top) and not final.parent.resolve().is_relative_to(top.resolve()):
+        raise OutputError(f"{final}: its folder resolves to {final.parent.resolve()}, outside the checkout "
+                          f"{top}; refusing to write there")
+
+
+def disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and (e.errno in (errno.ENOSPC, errno.EDQUOT) or
+                                       bool(re.search(r"\d+ requested and \d+ written", str(e))))
+
+
+def _disk_full_error(e: BaseException, where: Path, written: Path) -> OutputError:
+    free = shutil.disk_usage(where if where.exists() else where.parent).free
+    size = sum(p.stat().st_size for p in written.rglob("*") if p.is_file()) if written.is_dir() else 0
+    return OutputError(f"disk full while writing {getattr(e, 'filename', None) or where}: {free / 2**20:.0f} MiB "
+                       f"free on that disk, and the output had reached {size / 2**20:.0f} MiB (the partial output "
+                       f"was removed); free more than that, then rerun")
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces `final`, on error it is removed."""
+    """Yield a temporary folder; on success it replaces `final`, on error it is removed.
+
+    The temporary folder holds an INCOMPLETE marker until the last moment, so a folder left by a
+    killed run never looks finished (and the next stage run removes it: `clear_dead_partials`).
+    """
     final = Path(final)
+    check_target(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     clear_stale_partials(final)
     tmp = _partial_name(final)
     tmp.mkdir()
+    (tmp / INCOMPLETE).write_text("this folder is from a run that did not finish; delete it\n", encoding="utf-8")
     try:
         yield tmp
-    except BaseException:
+        (tmp / INCOMPLETE).unlink(missing_ok=True)
+        if final.exists():
+            shutil.rmtree(final) if final.is_dir() else final.unlink()
+        os.replace(tmp, final)
+    except BaseException as e:
+        err = _disk_full_error(e, final, tmp) if disk_full(e) else None
         shutil.rmtree(tmp, ignore_errors=True)
+        if err is not None:
+            raise err from None
         raise
-    if final.exists():
-        shutil.rmtree(final) if final.is_dir() else final.unlink()
-    os.replace(tmp, final)
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
     path = Path(path)
+    check_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _partial_name(path)
-    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if disk_full(e):
+            raise _disk_full_error(e, path, tmp) from None
+        raise
+
+
+def verify_recorded(folder: Path, recorded: dict[str, str], stage: str, recipe: str) -> None:
+    """Check files against the sha256 (or size) a stage's manifest recorded; name the damaged one."""
+    for name, want in recorded.items():
+        p = Path(folder) / name
+        if not p.is_file():
+            got = "missing"
+        else:  # the same kind of id as recorded: a full sha256 (quantize), or size: for big files (hash_tree)
+            got = f"size:{p.stat().st_size}" if want.startswith("size:") else sha256_file(p)
+        if got != want:
+            what = "is missing" if got == "missing" else f"is damaged: {got[:19]} differs from {want[:19]}"
+            raise IntegrityError(f"{p} {what} (recorded by the {stage} stage's manifest); rerun "
+                                 f"`qlora-kit {stage} --recipe {recipe}` (or `dvc repro -f {stage}@{recipe}`)")
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -18,6 +18,8 @@ from qlora_kit.errors import DataError
 from qlora_kit.judge import replay as judge_replay
 
 STAGES = tuple(STAGE_SECTIONS)
+STAGE_OUTPUTS = {"fetch": ("raw", "base"), "preprocess": ("processed",), "train": ("adapter",),
+                 "merge": ("merged",), "quantize": ("gguf",), "evaluate": ("reports",)}
 STAGE_HELP = {
     "fetch": "put the base model and the raw data in place (tiny: build them offline)",
     "preprocess": "render, tokenize, mask labels, split; write the data report",
@@ -54,14 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _enable(args: argparse.Namespace) -> int:
     """Add a recipe to params.yaml so dvc.yaml's foreach covers it (after strict validation)."""
-    import yaml
-
+    from qlora_kit.config import recipe_path, recipes_dir
+    from qlora_kit.config_checks import check_name, load_yaml
     from qlora_kit.layout import root
 
-    load_recipe(args.recipe)
+    # dvc.yaml runs `qlora-kit STAGE --recipe NAME` for each listed name: only a plain name from recipes/
+    name = check_name(args.recipe.rpartition("/")[2].removesuffix(".yaml").removesuffix(".yml"), "enable")
+    if recipe_path(args.recipe).resolve() != (recipes_dir() / f"{name}.yaml").resolve():
+        raise RecipeError(f"enable: {args.recipe}: only recipes in {recipes_dir()} can be enabled (copy it there)")
+    args.recipe = name
+    load_recipe(name)
     params = root() / "params.yaml"
     text = params.read_text(encoding="utf-8")
-    names = (yaml.safe_load(text) or {}).get("recipes") or []
+    names = (load_yaml(text, str(params))[0] or {}).get("recipes") or []
     if args.recipe not in names:
         # append one list item under `recipes:` and keep the file's comments as they are
         lines = text.splitlines()
@@ -84,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "render":
                 from qlora_kit.text.render import run as render_run
                 return render_run(recipe, args)
+            from qlora_kit import artifacts, layout
+
+            p = layout.paths(recipe.name)  # a killed run's *.partial-PID folders go first
+            artifacts.clear_dead_partials([p.raw.parent, p.base.parent, p.reports])
+            for out in STAGE_OUTPUTS.get(args.command, ()):  # symlinked outputs: refused before any work
+                artifacts.check_target(getattr(p, out))
             module = importlib.import_module(f"qlora_kit.{args.command}")
             module.run(recipe, overrides)
             return 0

@@ -4,24 +4,23 @@ Every stage reads its recipe through `load_recipe(name, overrides)` and then onl
 named for it in `STAGE_SECTIONS`; `dvc.yaml` declares exactly those sections as the stage's params
 (a test checks the two agree), so editing a value reruns exactly the stages that read it.
 
-An unknown key, a wrong type or an impossible combination raises `RecipeError`, whose message
-names the file, the line and the dotted key; the CLI turns it into exit code 2 before any stage
-writes anything.
+An unknown key, a wrong type, a value out of its range or an impossible combination raises
+`RecipeError`, whose one-line message names the file, the line and the dotted key; the CLI turns
+it into exit code 2 before any stage writes anything. The checks around the schema (safe YAML,
+names, `--set`, which keys a quirk may set) live in `config_checks.py`.
 
     python -c "from qlora_kit.config import load_recipe; print(load_recipe('tiny'))"
 """
 from __future__ import annotations
 
-import copy
-import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from qlora_kit import config_checks as checks
+from qlora_kit.config_checks import RecipeError  # noqa: F401  (re-exported: stages import it from here)
 from qlora_kit.layout import root
-
 # Which recipe sections each stage reads. dvc.yaml's `params` must list exactly these
 # (tests/test_dvc_pipeline.py checks it). `quirks` is listed wherever a quirk switch can change
 # what the stage does, because switches are applied to the other sections at load time.
@@ -33,10 +32,6 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "quantize": ("template", "eval", "quantize", "quirks"),  # chat template, Modelfile generation params
     "evaluate": ("model", "template", "eval", "expected", "quirks"),  # template: the inference prompt form
 }
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be used; the message names file, line and key."""
 
 
 class _Section(BaseModel):
@@ -56,13 +51,13 @@ class Source(_Section):
 class TinyModel(_Section):
     """Shape of a model the kit builds itself (no download)."""
 
-    seed: int = 0
-    hidden_size: int = 256  # multiple of 256 so llama.cpp K-quants apply to every row
-    intermediate_size: int = 512
-    num_layers: int = 2
-    num_heads: int = 4
-    vocab_size: int = 1000
-    max_position_embeddings: int = 512
+    seed: int = Field(0, ge=0)
+    hidden_size: int = Field(256, ge=1)  # multiple of 256 so llama.cpp K-quants apply to every row
+    intermediate_size: int = Field(512, ge=1)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    vocab_size: int = Field(1000, ge=8)
+    max_position_embeddings: int = Field(512, ge=2)
 
 
 class Model(_Section):
@@ -90,8 +85,8 @@ class Data(_Section):
     fields: dict[str, str] = Field(default_factory=dict)
     # Extra files merged before preprocessing (Polyglot: v1.0 + v1.1), same keys as above.
     extra: tuple[dict[str, Any], ...] = ()
-    skip_rows: int = 0  # drop the first N rows (e.g. the non-KoAlpaca head of a sample)
-    limit: int | None = None  # keep at most N rows after skip (tests, smoke runs)
+    skip_rows: int = Field(0, ge=0)  # drop the first N rows (e.g. the non-KoAlpaca head of a sample)
+    limit: int | None = Field(None, ge=1)  # keep at most N rows after skip (tests, smoke runs)
 
 
 class Template(_Section):
@@ -118,14 +113,14 @@ class Template(_Section):
 class Preprocess(_Section):
     loss: Literal["completion", "full"] = "completion"
     tokenize: Literal["separate", "joint"] = "separate"
-    max_length: int = 512
+    max_length: int = Field(512, ge=2)
     overlength: Literal["truncate", "drop"] = "truncate"
     count_extra_bos: bool = False  # llama2-koalpaca counts length with one more BOS
     mask_pad_in_labels: bool = False  # collator masks every id == pad (so pad == eos masks EOS)
-    val_ratio: float = 0.1
-    split_seed: int = 0
+    val_ratio: float = Field(0.1, ge=0, lt=1)
+    split_seed: int = Field(0, ge=0)
     filter_after_split: bool = False
-    shuffle_seed: int | None = None
+    shuffle_seed: int | None = Field(None, ge=0)
     on_bad_row: Literal["error", "drop"] = "error"
     dedupe: bool = False
 
@@ -149,9 +144,9 @@ class QLoRA(_Section):
 
 
 class Lora(_Section):
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
     bias: Literal["none", "all", "lora_only"] = "none"
     target_modules: tuple[str, ...] | Literal["all-linear"] = ("q_proj", "v_proj")
     # trained in full and saved with the adapter (peft `modules_to_save`); none of the sources did
@@ -159,34 +154,27 @@ class Lora(_Section):
 
 
 class Train(_Section):
-    epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides epochs (komt)
-    per_device_batch: int = 4
-    grad_accum: int = 1
-    learning_rate: float = 2e-4
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, ge=-1)  # > 0 overrides epochs (komt)
+    per_device_batch: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    warmup_steps: int = 0  # > 0 wins over warmup_ratio, as in transformers
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    warmup_steps: int = Field(0, ge=0)  # > 0 wins over warmup_ratio, as in transformers
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
     optimizer: Literal["adamw_torch", "paged_adamw_8bit", "adamw_8bit", "adafactor"] = "adamw_torch"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     gradient_checkpointing: bool = False
-    seed: int = 42
-    eval_steps: int = 0  # 0: no eval during training
-    logging_steps: int = 10
-    save_steps: int = 0  # checkpoint cadence; 0: none
+    seed: int = Field(42, ge=0)
+    eval_steps: int = Field(0, ge=0)  # 0: no eval during training
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(0, ge=0)  # checkpoint cadence; 0: none
     group_by_length: bool = False
     packing: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
-    @model_validator(mode="after")
-    def _coherent(self) -> Train:
-        if self.learning_rate <= 0:
-            raise ValueError("learning_rate must be > 0")
-        if self.per_device_batch < 1 or self.grad_accum < 1:
-            raise ValueError("per_device_batch and grad_accum must be >= 1")
-        return self
 
 
 class Merge(_Section):
@@ -195,8 +183,8 @@ class Merge(_Section):
     # model in memory and peft's merge_and_unload (needs ~2 bytes x params of RAM; for checking)
     method: Literal["shardwise", "peft"] = "shardwise"
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
-    parity_rows: int = 8
-    max_rel_error: float = 0.02  # stage fails above this (merged vs base+adapter logits)
+    parity_rows: int = Field(8, ge=1)
+    max_rel_error: float = Field(0.02, gt=0)  # stage fails above this (merged vs base+adapter logits)
     license: str = ""  # model card `license:` (e.g. llama2, apache-2.0); empty -> "other"
 
 
@@ -214,7 +202,7 @@ GGUF_MIN_TOP1: dict[str, float] = {"f16": 0.98, "q8_0": 0.95, "q6_k": 0.93, "q5_
 
 class Quantize(_Section):
     types: tuple[QuantType, ...] = ("f16", "q4_k_m")
-    parity_rows: int = 8  # validation rows for the GGUF parity report (reports/NAME/gguf_parity.json)
+    parity_rows: int = Field(8, ge=1)  # validation rows for the GGUF parity report (reports/NAME/gguf_parity.json)
     # Gates per type; a recipe lists only the types it changes, the others keep the kit defaults.
     max_mean_kl: dict[QuantType, float] = Field(default_factory=lambda: dict(GGUF_MAX_MEAN_KL))
     min_top1: dict[QuantType, float] = Field(default_factory=lambda: dict(GGUF_MIN_TOP1))
@@ -248,7 +236,7 @@ class EvalFile(_Section):
     path: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     git_blob: str = Field(default="", pattern=r"^([0-9a-f]{40})?$")
-    rows: int | None = None
+    rows: int | None = Field(None, ge=0)
     format: Literal["json", "jsonl", "txt"] = "jsonl"  # txt: one prompt per non-empty line
     # kit name (id, instruction, input, answer) -> key in each record; dotted for nesting
     # ("instances.0.input"). Unmapped kit names are absent from the file.
@@ -278,28 +266,28 @@ class Benchmark(_Section):
 
     task: str  # lm-eval task or group name: arc_challenge, hellaswag, mmlu, truthfulqa_mc2, kobest, kmmlu, haerae
     name: str = ""  # key under `benchmarks.` in metrics.json; default: the task name
-    num_fewshot: int | None = None  # None: the task's own default
+    num_fewshot: int | None = Field(None, ge=0)  # None: the task's own default
     metric: str = "acc"  # lm-eval metric reported as the headline number (acc, acc_norm, ...)
-    limit: int | None = None  # at most N documents per task (smoke runs); None: all
+    limit: int | None = Field(None, ge=1)  # at most N documents per task (smoke runs); None: all
     origin: Literal["source", "kit"] = "source"
     cite: str = ""
 
 
 class Eval(_Section):
-    max_new_tokens: int = 32
+    max_new_tokens: int = Field(32, ge=1)
     do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    num_prompts: int = 16  # held-out validation prompts to generate from
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0)
+    num_prompts: int = Field(16, ge=0)  # held-out validation prompts to generate from
     prompt_sets: tuple[PromptSet, ...] = ()  # the source's evaluation inputs, by reference
     # LLM judge (OpenAI-compatible endpoint) for prompt sets with judge komt/alpagasus. The
     # environment variables QLORA_KIT_JUDGE_BASE_URL / QLORA_KIT_JUDGE_MODEL override these; the
     # API key is only ever read from QLORA_KIT_JUDGE_API_KEY (not needed for a 127.0.0.1 judge).
     judge_base_url: str = ""
     judge_model: str = ""
-    prompt_set_limit: int = 0  # > 0: only the first N prompts of each set (smoke runs); 0: all
+    prompt_set_limit: int = Field(0, ge=0)  # > 0: only the first N prompts of each set (smoke runs); 0: all
     # lm-evaluation-harness presets; they download their data sets from the Hub and take hours on
     # a 13B model, so they run only when run_benchmarks is true (`--set eval.run_benchmarks=true`)
     benchmarks: tuple[Benchmark, ...] = ()
@@ -355,51 +343,14 @@ class Recipe(_Section):
                 for s in STAGE_SECTIONS[stage]}
 
 
-# --- loading -------------------------------------------------------------------------------
+# --- loading (the checks themselves live in config_checks.py) -------------------------------
 
-def _key_lines(node: yaml.Node, prefix: str = "", out: dict[str, int] | None = None) -> dict[str, int]:
-    """Map every dotted key of a composed YAML document to its 1-based line number."""
-    out = {} if out is None else out
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            key = f"{prefix}.{k.value}" if prefix else str(k.value)
-            out[key] = k.start_mark.line + 1
-            _key_lines(v, key, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            _key_lines(v, f"{prefix}.{i}", out)
-    return out
-
-
-def _parse_scalar(text: str) -> Any:
-    """`--set` values are YAML scalars/flow collections: 1e-4, true, [a, b], 'text'."""
-    return yaml.safe_load(text) if text != "" else ""
-
-
-def _set_dotted(d: dict, dotted: str, value: Any, origin: str) -> None:
-    parts = dotted.split(".")
-    cur = d
-    for p in parts[:-1]:
-        nxt = cur.setdefault(p, {})
-        if not isinstance(nxt, dict):
-            raise RecipeError(f"{origin}: {dotted}: '{p}' is not a section")
-        cur = nxt
-    cur[parts[-1]] = value
+SECTION_KEYS = {name: set(f.annotation.model_fields) for name, f in Recipe.model_fields.items()
+                if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise RecipeError(f"--set {item}: expected section.key=value")
-        key, val = item.split("=", 1)
-        if not re.fullmatch(r"[A-Za-z_][\w-]*(\.[\w-]+)+", key):
-            raise RecipeError(f"--set {item}: key must be dotted, like train.learning_rate")
-        try:
-            out[key] = _parse_scalar(val)
-        except yaml.YAMLError as e:
-            raise RecipeError(f"--set {item}: value is not valid YAML: {e}") from None
-    return out
+    return checks.parse_overrides(items, SECTION_KEYS)
 
 
 def recipes_dir() -> Path:
@@ -410,71 +361,36 @@ def recipe_path(name_or_path: str) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml"):
         return p
-    return recipes_dir() / f"{name_or_path}.yaml"
+    return recipes_dir() / f"{checks.check_name(name_or_path, '--recipe')}.yaml"
 
 
 def load_recipe(name_or_path: str, overrides: dict[str, Any] | None = None) -> Recipe:
     """Load, apply `--set` overrides, validate, then apply fixed quirks; raise RecipeError."""
-    path = recipe_path(name_or_path)
+    path, overrides = recipe_path(name_or_path), overrides or {}
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         known = ", ".join(sorted(p.stem for p in recipes_dir().glob("*.yaml")))
         raise RecipeError(f"{path}: no such recipe (known: {known})") from None
-    try:
-        node = yaml.compose(text)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 (byte offset {e.start})") from None
+    raw, lines = checks.load_yaml(text, str(path))
     if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: line 1: a recipe is a mapping of sections")
-    lines = _key_lines(node) if node is not None else {}
+        raise RecipeError(f"{path}:1: a recipe is a mapping of sections")
     if "quant" in raw:  # renamed so it cannot be mistaken for the GGUF export's `quantize:`
         raise RecipeError(f"{path}:{lines.get('quant', 1)}: quant: this section is now called qlora: (how the base "
                           "is loaded for training; quantize: is the GGUF export); rename it")
-    raw = copy.deepcopy(raw)
+    checks.check_name(path.stem, str(path))
     raw.setdefault("name", path.stem)
-    for key, value in (overrides or {}).items():
-        _set_dotted(raw, key, value, f"{path} (--set)")
-    recipe = _validate(raw, path, lines, overrides or {})
-    return _apply_quirks(recipe, path, lines)
-
-
-def _validate(raw: dict, path: Path, lines: dict[str, int], overrides: dict[str, Any]) -> Recipe:
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as e:
-        msgs = []
-        for err in e.errors():
-            loc = [str(x) for x in err["loc"] if not str(x).startswith("function-")]
-            # pydantic appends union-member names to loc; keep the recipe's own keys only
-            loc = [x for x in loc if x not in ("tuple[str, ...]", "literal['all-linear']")]
-            key = ".".join(loc) or "(top level)"
-            where = _where(key, lines, overrides)
-            kind = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            msgs.append(f"{path}:{where} {key}: {kind}")
-        raise RecipeError("\n".join(dict.fromkeys(msgs))) from None
-
-
-def _where(key: str, lines: dict[str, int], overrides: dict[str, Any]) -> str:
-    if key in overrides:
-        return " (--set)"
-    probe = key
-    while probe:
-        if probe in lines:
-            return f"{lines[probe]}:"
-        probe = probe.rpartition(".")[0]
-    return ""
-
-
-def _apply_quirks(recipe: Recipe, path: Path, lines: dict[str, int]) -> Recipe:
-    """Switch on a quirk's corrected behaviour: its `when_fixed` values replace the faithful ones."""
-    if not any(q.fix for q in recipe.quirks.values()):
-        return recipe
-    raw = recipe.model_dump(mode="json")
-    for name, q in recipe.quirks.items():
-        if q.fix:
-            for dotted, value in q.when_fixed.items():
-                # an unknown dotted key fails validation below (extra="forbid")
-                _set_dotted(raw, dotted, value, f"{path}: quirks.{name}.when_fixed")
-    return _validate(raw, path, lines, {})
+    checks.check_name(raw["name"], f"{path}:{lines.get('name', 1)}: name")
+    checks.apply_overrides(raw, overrides, path)
+    recipe = checks.validate(Recipe, raw, path, lines, overrides)
+    fixed = checks.quirk_values(recipe.model_dump(mode="json"), path, lines, overrides)
+    if fixed:  # a switched-on quirk's `when_fixed` values replace the faithful ones
+        dumped = recipe.model_dump(mode="json")
+        for dotted, value in fixed.items():
+            # an unknown dotted key fails validation below (extra="forbid")
+            checks.set_dotted(dumped, dotted, value, f"{path}: quirks when_fixed")
+        recipe = checks.validate(Recipe, dumped, path, lines, {})
+    checks.warn_code_switches(recipe.model, str(path))
+    return recipe

@@ -8,3 +8,11 @@ class DataError(ValueError):
 
 class MergeError(RuntimeError):
     """The base or the adapter cannot be merged as asked; the message says which file and tensor."""
+
+
+class OutputError(DataError):
+    """An output cannot be written where it should go (a symlink, outside the checkout, disk full)."""
+
+
+class IntegrityError(DataError):
+    """A stage's input differs from what the stage that made it recorded; the message names the file."""

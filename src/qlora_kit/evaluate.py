@@ -137,7 +137,7 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
 
     from qlora_kit import layout
     from qlora_kit.sources import model_safety
-    from qlora_kit.artifacts import StageRun, atomic_dir, write_atomic, write_json
+    from qlora_kit.artifacts import StageRun, atomic_dir, verify_recorded, write_atomic, write_json
     from qlora_kit.judge.client import resolve_endpoint
     from qlora_kit.text.examples import read_split
     from qlora_kit.sources.prompt_sets import Unavailable, locate
@@ -147,6 +147,8 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
     paths = layout.paths(recipe.name)
     for folder in (paths.base, paths.merged):  # before any tokenizer or model is loaded
         model_safety.check(folder, recipe.model)
+    q_files = _quantize_files(paths.gguf)
+    verify_recorded(paths.gguf, {i["file"]: i["sha256"] for i in q_files.values()}, "quantize", recipe.name)
     st = StageRun("evaluate", recipe, overrides)
     for label in ("processed", "merged", "gguf"):
         st.add_input(label, getattr(paths, label))
@@ -281,3 +283,9 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
     return metrics
 
 
+def _quantize_files(gguf: Path) -> dict[str, dict[str, Any]]:
+    """The GGUF files (name, sha256) the quantize manifest recorded; {} when there is none yet."""
+    try:
+        return json.loads((gguf / "manifest.json").read_text(encoding="utf-8"))["facts"]["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}

@@ -100,7 +100,7 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
 
     from qlora_kit import layout
     from qlora_kit.sources import model_safety
-    from qlora_kit.artifacts import StageRun, atomic_dir, write_json
+    from qlora_kit.artifacts import StageRun, atomic_dir, verify_recorded, write_json
     from qlora_kit.errors import DataError
 
     paths = layout.paths(recipe.name)
@@ -114,12 +114,13 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
                         f"{recipe.name}` first")
     if mg.base == "nf4-roundtrip" and recipe.qlora.bits != 4:
         raise MergeError(f"merge.base nf4-roundtrip needs qlora.bits 4 (got {recipe.qlora.bits})")
+    train_facts = _json_or_empty(paths.adapter / "manifest.json").get("facts", {})
+    verify_recorded(paths.adapter, train_facts.get("files", {}), "train", recipe.name)  # before reading it
     st.add_input("adapter", paths.adapter)
     st.add_input("base", paths.base)
     rows, split = parity_rows(paths.processed, mg.parity_rows)
     adapter = read_adapter(paths.adapter)
     base_facts = _json_or_empty(paths.base / "fetch_manifest.json").get("facts", {}).get("model", {})
-    train_facts = _json_or_empty(paths.adapter / "manifest.json").get("facts", {})
     torch.manual_seed(0)
     st.lap("read")
 

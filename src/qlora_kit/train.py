@@ -289,6 +289,7 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
                 shutil.rmtree(staged)
             else:  # DDP / one process: rank 0's model holds the whole (replicated) adapter
                 model.save_pretrained(str(tmp))
+            st.facts["files"] = hash_tree(tmp, full=True)  # merge checks the adapter against these before reading it
             write_json(tmp / "manifest.json", st.manifest())
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # no rank exits (and no launcher reports success) before the adapter exists

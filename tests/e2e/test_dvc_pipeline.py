@@ -26,7 +26,7 @@ def test_stage_params_are_exactly_the_sections_the_code_reads():
     for stage, spec in DVC["stages"].items():
         (params,) = spec["do"]["params"]
         assert params == {"recipes/${item}.yaml": list(STAGE_SECTIONS[stage])}, stage
-        assert spec["do"]["cmd"] == f"qlora-kit {stage} --recipe ${{item}}"
+        assert spec["do"]["cmd"] == f"qlora-kit {stage} --recipe '${{item}}'"
 
 
 def test_outputs_follow_the_layout():

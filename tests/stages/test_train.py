@@ -55,6 +55,10 @@ def test_each_precision_trains_on_cpu(prepared, monkeypatch, bits):
     assert len(rows) >= 7  # header + a row per step
     man = json.loads((layout.paths("tiny").adapter / "manifest.json").read_text())
     assert man["config"]["qlora"]["bits"] == bits
+    # merge checks the adapter against these hashes before reading it (tests/unit/test_hostile_outputs.py)
+    from qlora_kit.artifacts import hash_tree
+    assert man["facts"]["files"] == hash_tree(layout.paths("tiny").adapter, full=True)
+    assert "adapter_model.safetensors" in man["facts"]["files"]
 
 
 @pytest.mark.slow

@@ -58,7 +58,7 @@ def test_set_overrides_and_their_errors():
 
 
 def test_quirk_switch_applies_corrected_values(tmp_path):
-    text = TINY + ("quirks:\n  short_answers:\n    description: test\n    cite: here\n    fix: true\n"
+    text = TINY.split("\nquirks:")[0] + ("\nquirks:\n  short_answers:\n    description: test\n    cite: here\n    fix: true\n"
                    "    when_fixed: {eval.max_new_tokens: 7}\n")
     assert load_recipe(str(_recipe(tmp_path, text))).eval.max_new_tokens == 7
     bad = text.replace("eval.max_new_tokens", "eval.max_new_tokenz")

@@ -10,7 +10,7 @@ import yaml
 from support.imports import PKG, STAGES, all_modules, closure, imports_of, module_file, room
 from support.repo import REPO
 
-SPINE = {"cli", "config", "layout", "artifacts", "errors"}
+SPINE = {"cli", "config", "config_checks", "layout", "artifacts", "errors"}
 HELPER_ROOMS = {"text", "sources", "training", "weights", "gguf", "scoring", "judge", "tiny"}
 
 

@@ -15,6 +15,8 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
+from qlora_kit.errors import IntegrityError
+
 _LOCK = threading.Lock()
 
 
@@ -36,6 +38,9 @@ def open_gguf(path: Path, **kw) -> Iterator:
         llama_mod.llama_cpp.llama_model_default_params = params
         try:
             llm = llama_cpp.Llama(model_path=str(path), **kw)
+        except ValueError as e:  # llama_cpp: "Failed to load model from file"
+            raise IntegrityError(f"{path}: llama.cpp cannot load this GGUF ({e}); rerun "
+                                 "`qlora-kit quantize`") from None
         finally:
             llama_mod.llama_cpp.llama_model_default_params = default
     try:

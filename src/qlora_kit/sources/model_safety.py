@@ -22,6 +22,7 @@ models), train, merge and evaluate. It reads only file names and two small JSON 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -93,5 +94,10 @@ def check(folder: str | Path, model: Model, *, what: str = "model") -> dict[str,
             f"{what}: {folder}: the model ships custom code ({where}){files}. The kit does not run a "
             "model's own Python unless the recipe sets model.trust_remote_code: true; read that code first. "
             "(transformers without it may quietly load a built-in class that is not this model.)")
+    ran = [f"{', '.join(py_files) or 'the code auto_map names'} (trust_remote_code)" if custom else "",
+           f"unpickling {', '.join(pickled[:5])} (allow_pickle)" if pickled and not safe else ""]
+    if any(ran):  # the recipe opted in: say what will run
+        print(f"qlora-kit: warning: {what}: {folder}: will run {' and '.join(r for r in ran if r)}",
+              file=sys.stderr, flush=True)
     return {"weights": "safetensors" if safe else "pickle" if pickled else "none", "weight_files": safe or pickled,
             "custom_code": bool(custom), "python_files": py_files}

@@ -80,6 +80,28 @@ def tokenize_example(rendered_prompt: str, rendered_completion: str, tok: Tokeni
     return ids, labels, n_prompt
 
 
+UNKNOWN_TOKEN_CHARS = 64  # chars per token assumed when the tokenizer has no vocabulary to measure
+
+
+def max_token_chars(tok: Any) -> int:
+    """The longest token of the vocabulary, in characters: no token covers more text than this."""
+    try:
+        vocab = tok.hf.get_vocab()
+    except Exception:  # noqa: BLE001 - any tokenizer without a vocabulary gets the safe constant
+        return UNKNOWN_TOKEN_CHARS
+    return max(max(map(len, vocab), default=0), 1)
+
+
+def char_bound(tok: Any, pp: Preprocess) -> int:
+    """Characters past which a text has more than max_length tokens whatever it holds.
+
+    Rows longer than this are dropped (`overlength: drop`) without being tokenized, or cut to this
+    many characters before tokenizing (`truncate`): the kept first max_length tokens cover at most
+    max_length x max_token_chars characters, so the cut lies beyond them (8 tokens of margin).
+    """
+    return max_token_chars(tok) * (pp.max_length + 8)
+
+
 def counted_length(ids: list[int], pp: Preprocess) -> int:
     """The length the source compared with its limit: llama2-koalpaca counted one extra BOS,
     because it measured `tokenizer(text)` (which adds BOS) on a text that already began with one."""
@@ -117,9 +139,13 @@ def build(rows: list[SourceRow], tok: TokenizerLike, tpl: Template, pp: Preproce
     if pp.shuffle_seed is not None:
         random.Random(pp.shuffle_seed).shuffle(good)
 
+    bound = char_bound(tok, pp)
+
     def encode(r: SourceRow) -> Example | str:
+        if pp.overlength == "drop" and sum(map(len, r.fields.values())) > bound:
+            return "overlength"  # cannot fit: never tokenized
         rend = render(tpl, r.fields, bos=tok.bos, eos=tok.eos)
-        ids, labels, n_prompt = tokenize_example(rend.prompt, rend.completion, tok, tpl, pp)
+        ids, labels, n_prompt = tokenize_example(rend.prompt[:bound], rend.completion[:bound], tok, tpl, pp)
         ids, labels, action = length_policy(ids, labels, pp)
         if action == "drop":
             return "overlength"

@@ -15,7 +15,9 @@ What each kind of bad input does (tests/test_bad_input.py pins every line of thi
   `wrong_type_<field>` (number, list, object, bool), `empty_instruction`, `empty_output`,
   `control_character` (C0 controls other than tab/LF/CR), `invalid_unicode` (a lone surrogate from
   a `\\ud800` escape: it cannot be written back as UTF-8), `duplicate_key` (JSON keeps only the last
-  value of a repeated key, so the row silently lost one);
+  value of a repeated key, so the row silently lost one), `too_deep` (nesting deeper than the JSON
+  decoder can follow, about 1000 levels), `number_too_large` (an integer of more than
+  `MAX_INT_DIGITS` digits: never converted, since that costs quadratic time);
 - accepted as is: a UTF-8 BOM, CRLF line ends (the rows equal the LF file's), blank JSON-lines
   lines, U+2028/U+2029/NEL inside strings (legal JSON; never treated as line ends), a missing
   `input` (Alpaca rows without input mean input ""), and placeholder-like text such as `{input}`
@@ -59,14 +61,32 @@ class SourceRow:
         return f"{self.file}:{self.line}" if self.unit == "line" else f"{self.file}: row {self.line}"
 
 
+MAX_INT_DIGITS = 100
+_VALUE_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+class _BigInt:
+    """An integer literal too long to convert (int() of n digits costs O(n^2)); a bad row."""
+
+    def __init__(self, digits: str):
+        self.digits = digits
+
+
 class _Object(dict):
     """A decoded JSON object that remembers keys it saw more than once (json keeps the last)."""
 
     duplicate_keys: tuple[str, ...] = ()
+    big_key: str = ""  # a key whose value holds a _BigInt
+
+
+def _holds_big(v: object) -> bool:
+    return isinstance(v, _BigInt) or bool(getattr(v, "big_key", "")) or (
+        isinstance(v, list) and any(isinstance(x, _BigInt) or getattr(x, "big_key", "") for x in v))
 
 
 def _object_pairs(pairs: list[tuple[str, object]]) -> _Object:
     obj = _Object(pairs)
+    obj.big_key = next((k for k, v in pairs if _holds_big(v)), "")
     if len(obj) != len(pairs):
         counts: dict[str, int] = {}
         for k, _ in pairs:
@@ -75,7 +95,21 @@ def _object_pairs(pairs: list[tuple[str, object]]) -> _Object:
     return obj
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_object_pairs)
+_DECODER = json.JSONDecoder(object_pairs_hook=_object_pairs,
+                            parse_int=lambda s: int(s) if len(s.lstrip("-")) <= MAX_INT_DIGITS else _BigInt(s))
+
+
+def _value_end(text: str, pos: int) -> int | None:
+    """End of the JSON value at `pos`, by brackets alone (for values too deep to decode)."""
+    depth = 0
+    for m in _VALUE_TOKENS.finditer(text, pos):
+        depth += 1 if m.group() in "[{" else -1 if m.group() in "]}" else 0
+        if depth == 0:
+            return m.end()
+    return None
+
+
+_TOO_DEEP = "nested deeper than the JSON decoder can follow (about 1000 levels)"
 
 
 def _decode(path: Path) -> str:
@@ -118,6 +152,12 @@ def _iter_json_array(path: Path, text: str) -> Iterator[tuple[int, object]]:
     while True:
         try:
             obj, end = _DECODER.raw_decode(text, pos)
+        except RecursionError:
+            end = _value_end(text, pos)
+            if end is None:
+                raise DataError(f"{path}:{line_at(pos)}: malformed JSON: a value {_TOO_DEEP} never ends; the "
+                                "file is refused in every mode") from None
+            obj = _BadLine("too_deep", f"the row is {_TOO_DEEP}")
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{line_at(e.pos)}: malformed JSON: {e.msg} (the array cannot be read past "
                             "this point, so the file is refused in every mode)") from None
@@ -156,6 +196,8 @@ def _iter_jsonl(path: Path, text: str) -> Iterator[tuple[int, object]]:
             continue
         try:
             yield i, _DECODER.decode(line)
+        except RecursionError:
+            yield i, _BadLine("too_deep", f"the row is {_TOO_DEEP}")
         except json.JSONDecodeError as e:
             if i == last and not ends_with_newline:
                 yield i, _BadLine("truncated_last_line", f"malformed JSON on the last line, which has no newline "
@@ -198,6 +240,8 @@ def read_rows(path: Path, fmt: str, mapping: dict[str, str] | None = None) -> It
 
 
 def _kind(val: object) -> str:
+    if isinstance(val, _BigInt):
+        return "int"
     return "object" if isinstance(val, dict) else type(val).__name__  # _Object is a dict: say "object"
 
 
@@ -216,6 +260,9 @@ def check_row(file: str, line: int, rec: object, mapping: dict[str, str], *, uni
 
     if not isinstance(rec, dict):
         return bad("not_an_object", f"row is {_kind(rec)}, not an object")
+    if getattr(rec, "big_key", ""):
+        return bad("number_too_large", f"field {rec.big_key!r} holds an integer of more than {MAX_INT_DIGITS} "
+                                       "digits (not converted)")
     out: dict[str, str] = {}
     for field in FIELDS:
         key = mapping.get(field, field)

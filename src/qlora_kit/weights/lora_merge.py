@@ -96,7 +96,12 @@ def read_adapter(path: Path) -> Adapter:
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     ad = Adapter(path=path, config=cfg, scale=alpha / r, fan_in_fan_out=bool(cfg.get("fan_in_fan_out")))
     parts: dict[str, dict[str, Any]] = {}
-    for key, t in load_file(str(weights)).items():
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # safetensors' SafetensorError (a bad header), OSError
+        raise MergeError(f"{weights}: not a readable safetensors file ({str(e).splitlines()[0][:200]}); rerun "
+                         "`qlora-kit train`") from None
+    for key, t in tensors.items():
         if not key.startswith(ADAPTER_PREFIX):
             raise MergeError(f"{weights}: tensor {key!r} does not start with {ADAPTER_PREFIX!r}")
         name = key[len(ADAPTER_PREFIX):]

@@ -43,7 +43,14 @@ def read_st_header(path: Path) -> tuple[dict[str, Any], int]:
     """(header, byte offset of the data) of a safetensors file."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+        try:
+            if not 2 <= n <= Path(path).stat().st_size - 8:
+                raise ValueError(f"header length {n} does not fit the file")
+            header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise MergeError(f"{path}: not a readable safetensors file ({e})") from None
     return header, 8 + n
 
 
