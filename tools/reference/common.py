@@ -78,6 +78,11 @@ def iter_results(path: Path) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
 
 
+def block_hashes(results: list[dict[str, Any]], size: int) -> list[str]:
+    """The first 16 hex digits of the stream's sha256 over each block of `size` rows."""
+    return [stream_sha256(results[i:i + size])[:16] for i in range(0, len(results), size)]
+
+
 def stream_sha256(results: Iterable[dict[str, Any]]) -> str:
     h = hashlib.sha256()
     for r in results:

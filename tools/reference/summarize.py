@@ -13,12 +13,11 @@ mismatch can be located without the MBs of ids.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from collections import Counter
 from pathlib import Path
 
-from common import canonical_line, iter_results, stream_sha256, write_results
+from common import block_hashes, iter_results, stream_sha256, write_results
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO / "tests" / "fixtures" / "golden"
@@ -31,16 +30,6 @@ DATASETS = ("koalpaca_sample", "claude_t45", "helpfulness_t45", "komt_eval")
 BLOCK = 256
 
 
-def block_hashes(results: list[dict]) -> list[str]:
-    out = []
-    for i in range(0, len(results), BLOCK):
-        h = hashlib.sha256()
-        for r in results[i:i + BLOCK]:
-            h.update(canonical_line(r["row"], r["kept"], r["reason"], r["input_ids"], r["labels"]).encode())
-        out.append(h.hexdigest()[:16])
-    return out
-
-
 def entry(results: list[dict]) -> dict:
     kept = [r for r in results if r["kept"]]
     return {
@@ -48,7 +37,7 @@ def entry(results: list[dict]) -> dict:
         "dropped_by_reason": dict(sorted(Counter(r["reason"] for r in results if not r["kept"]).items())),
         "tokens": sum(len(r["input_ids"]) for r in kept),
         "loss_tokens": sum(x != -100 for r in kept for x in r["labels"]),
-        "sha256": stream_sha256(results), "block_sha256_16": block_hashes(results),
+        "sha256": stream_sha256(results), "block_sha256_16": block_hashes(results, BLOCK),
     }
 
 
