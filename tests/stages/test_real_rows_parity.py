@@ -15,17 +15,20 @@ names the first differing one. Skips without ../shared/data.
 from __future__ import annotations
 
 import os
+import subprocess
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from support.goldens import (RECIPES, SHARED_DATA, first_difference, kit_results, layout, needs_tokenizer,
-                             read_golden, real_rows, reference_module, summary, tokenizer_dir)
+from support.goldens import (EDGE_CASES, GOLDEN, RECIPES, SHARED_DATA, first_difference, kit_results, layout,
+                             needs_tokenizer, read_golden, real_rows, reference_module, summary, tokenizer_dir)
 from support.repo import REPO
 
 DATASETS = ("koalpaca_sample", "claude_t45", "helpfulness_t45", "komt_eval")
-pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not present at {SHARED_DATA}")
+# the era venvs of tools/reference/make_venvs.sh; the harness test skips without them
+VENVS = Path(os.environ.get("REFERENCE_VENVS") or Path.home() / ".cache" / "qlora-kit" / "reference-venvs")
+needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not present at {SHARED_DATA}")
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +47,7 @@ def test_summary_covers_every_recipe_and_data_set():
             assert len(e["block_sha256_16"]) == -(-e["rows"] // s["block_rows"])
 
 
+@needs_data
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_real_rows_are_the_ones_summarized(dataset):
     """The kit reads as many rows from each data set as the reference run did."""
@@ -79,3 +83,20 @@ def test_kit_matches_source_on_real_rows(recipe, dataset, tok_dirs):
     else:
         msg += "; set QLORA_KIT_REFERENCE_OUT to make_goldens.sh's full outputs to compare row by row"
     pytest.fail(msg)
+
+
+@needs_tokenizer
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_harness_reproduces_the_committed_edge_goldens(recipe, tok_dirs, tmp_path):
+    """The goldens are what the harness makes: rerun the source's code under its era's libraries."""
+    entry = summary()["recipes"][recipe]
+    python = VENVS / entry["venv"] / "bin" / "python"
+    if not python.is_file():
+        pytest.skip(f"no reference venv at {python} (tools/reference/make_venvs.sh)")
+    out = tmp_path / "edge.jsonl"
+    subprocess.run([str(python), str(REPO / entry["script"]), "--tokenizer", str(tok_dirs[layout(recipe)]),
+                    "--input", str(EDGE_CASES), "--out", str(out)], check=True, capture_output=True, timeout=600)
+    keys = ("row", "kept", "reason", "input_ids", "labels")
+    made = [{k: r[k] for k in keys} for r in read_golden(out)]
+    assert made == [{k: g[k] for k in keys} for g in read_golden(GOLDEN / f"{recipe}.edge.jsonl")]
