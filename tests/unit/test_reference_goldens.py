@@ -17,7 +17,7 @@ import json
 import pytest
 
 from support.goldens import (EDGE_CASES, GOLDEN, RECIPES, first_difference, kit_results, layout,
-                             needs_tokenizer, read_golden, tokenizer_dir)
+                             needs_tokenizer, read_golden, reference_module, tokenizer_dir)
 
 CASES = [json.loads(x)["case"] for x in EDGE_CASES.read_text(encoding="utf-8").splitlines()]
 
@@ -36,6 +36,17 @@ def kit_edge(tmp_path_factory):
         return runs[recipe]
 
     return get
+
+
+def test_edge_cases_file_is_what_the_script_writes():
+    """The hand-written rows of edge_cases.jsonl are make_edge_cases.CASES; the rest are the long rows."""
+    cases = reference_module("make_edge_cases").CASES
+    rows = [json.loads(x) for x in EDGE_CASES.read_text(encoding="utf-8").splitlines()]
+    assert rows[: len(cases)] == cases
+    assert [r["case"] for r in rows[len(cases):]] == [
+        "l2k_counted_1022", "l2k_counted_1023", "l2k_counted_1024", "l2k_counted_1025",
+        "komt_answer_past_2048", "komt_prompt_past_2048", "ag2_answer_past_256", "ag2_prompt_past_256"]
+    assert len(set(CASES)) == len(CASES)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

@@ -19,9 +19,6 @@ import json
 import sys
 from pathlib import Path
 
-# importable without the era libraries (the tests read CASES to name rows); the counting needs them
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "tests" / "fixtures" / "golden" / "edge_cases.jsonl"
 
@@ -79,7 +76,9 @@ FILLER = ("한국어 문장을 길게 이어 씁니다. The quick brown fox jump
 
 
 def l2k_counted_len(tok, instruction: str, output: str) -> int:
-    """The length llama2-koalpaca compared with 1024 (see llama2_koalpaca.py for the copied code)."""
+    """The length llama2-koalpaca compared with 1024 (see llama2_koalpaca.py for the copied code).
+
+    Imported here, not at the top: the tests import CASES without the era libraries."""
     from llama2_koalpaca import map_data_to_lambda_text
 
     text = tok.bos_token + map_data_to_lambda_text({"instruction": instruction, "output": output}) + tok.eos_token
