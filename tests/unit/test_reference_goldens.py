@@ -45,7 +45,8 @@ def test_edge_cases_file_is_what_the_script_writes():
     assert rows[: len(cases)] == cases
     assert [r["case"] for r in rows[len(cases):]] == [
         "l2k_counted_1022", "l2k_counted_1023", "l2k_counted_1024", "l2k_counted_1025",
-        "komt_answer_past_2048", "komt_prompt_past_2048", "ag2_answer_past_256", "ag2_prompt_past_256"]
+        "komt_answer_past_2048", "komt_prompt_past_2048", "ag2_answer_past_256", "ag2_prompt_past_256",
+        "l2k_counted_1023_special_literals", "l2k_counted_1024_special_literals"]
     assert len(set(CASES)) == len(CASES)
 
 
@@ -68,6 +69,7 @@ def test_edge_goldens_probe_the_length_limits():
     # source keeps counted length < 1024, counted = ids + the extra BOS of tokenizer(text)
     assert [l2k[f"l2k_counted_{n}"]["kept"] for n in (1022, 1023, 1024, 1025)] == [True, True, False, False]
     assert [len(l2k[f"l2k_counted_{n}"]["input_ids"]) for n in (1022, 1023)] == [1021, 1022]
+    assert [l2k[f"l2k_counted_{n}_special_literals"]["kept"] for n in (1023, 1024)] == [True, False]
     komt = {g["case"]: g for g in read_golden(GOLDEN / "komt.edge.jsonl")}
     assert len(komt["komt_answer_past_2048"]["input_ids"]) == 2048
     # the prompt alone fills 2048: komt trained on it with no loss token at all

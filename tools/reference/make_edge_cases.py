@@ -85,15 +85,15 @@ def l2k_counted_len(tok, instruction: str, output: str) -> int:
     return len(tok(text)["input_ids"])
 
 
-def boundary_row(tok, target: int) -> dict[str, str]:
-    instruction = f"긴 답변을 써 주세요 ({target})."
+def boundary_row(tok, target: int, instruction: str = "", case: str = "") -> dict[str, str]:
+    instruction = instruction or f"긴 답변을 써 주세요 ({target})."
     base = (FILLER * 9).rstrip()
     n0 = l2k_counted_len(tok, instruction, base)
     assert n0 < target, (n0, target)
     out = base + " x" * (target - n0)
     n = l2k_counted_len(tok, instruction, out)
     assert n == target, (n, target)
-    return row(f"l2k_counted_{target}", instruction, out)
+    return row(case or f"l2k_counted_{target}", instruction, out)
 
 
 def long_rows(tok) -> list[dict[str, str]]:
@@ -105,6 +105,10 @@ def long_rows(tok) -> list[dict[str, str]]:
     # alpagasus2: 256 (cutoff_len) - inside the answer, and inside the prompt (input)
     rows.append(row("ag2_answer_past_256", "Write at length.", FILLER * 4))
     rows.append(row("ag2_prompt_past_256", "Answer after the input.", "Short.", input=FILLER * 4))
+    # at the boundary with literal special tokens in the text: the fast tokenizer puts a "▁"
+    # after each, so a tokenizer that does not counts fewer tokens and can keep a dropped row
+    for t in (1023, 1024):
+        rows.append(boundary_row(tok, t, f"<s>문서</s>를 요약하세요 <unk> ({t}).", f"l2k_counted_{t}_special_literals"))
     return rows
 
 
