@@ -90,6 +90,7 @@ def kit_recipe(name: str):
 def kit_results(name: str, rows: list, tok_dir: Path) -> tuple[list[dict[str, Any]], Any]:
     """One golden-form record per row (each row preprocessed on its own by the kit's `build`), and
     the kit's tokenizer."""
+    from qlora_kit.errors import DataError
     from qlora_kit.text.examples import build
     from qlora_kit.text.tokenizer import load_tokenizer
 
@@ -97,7 +98,11 @@ def kit_results(name: str, rows: list, tok_dir: Path) -> tuple[list[dict[str, An
     tok = load_tokenizer(tok_dir, r.template, trust_remote_code=r.model.trust_remote_code)
     out = []
     for i, row in enumerate(rows):
-        parts, rep = build([row], tok, r.template, r.preprocess)
+        try:
+            parts, rep = build([row], tok, r.template, r.preprocess)
+        except DataError as e:  # on_bad_row: error refuses the row; the sources trained on it
+            out.append({"row": i, "kept": False, "reason": f"error: {e}", "input_ids": None, "labels": None})
+            continue
         kept = parts["train"] + parts["val"]
         if kept:
             out.append({"row": i, "kept": True, "reason": None, "input_ids": kept[0].input_ids,
