@@ -81,8 +81,9 @@ def real_rows(dataset: str):
 def kit_recipe(name: str):
     from qlora_kit.config import load_recipe
 
-    # every row lands in one part, in input order: the goldens decide per row, not per split
-    r = load_recipe(str(REPO / "recipes" / f"{name}.yaml"), {"preprocess.val_ratio": 0.0})
+    # every row lands in one part, in input order: the goldens decide per row, not per split.
+    # By name: the kit's own recipes folder (this checkout, or QLORA_KIT_ROOT's)
+    r = load_recipe(name, {"preprocess.val_ratio": 0.0})
     assert not r.preprocess.dedupe and r.preprocess.shuffle_seed is None, "per-row comparison needs both off"
     return r
 
