@@ -214,3 +214,16 @@ def test_a_big_file_is_checked_by_the_kind_of_id_its_manifest_recorded(tmp_path)
         artifacts.verify_recorded(tmp_path, {f.name: "size:999"}, "train", "tiny")
     with pytest.raises(IntegrityError, match=r"model-f16.gguf is missing .*rerun `qlora-kit quantize --recipe tiny`"):
         artifacts.verify_recorded(tmp_path, {"model-f16.gguf": "0" * 64}, "quantize", "tiny")
+
+
+def test_a_damaged_base_shard_is_one_line_naming_it(tmp_path, tiny_llama):
+    import shutil
+
+    from qlora_kit.weights.safetensors_io import tensor_shapes
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    shard = base / "model.safetensors"
+    shard.write_bytes((10**12).to_bytes(8, "little") + shard.read_bytes()[8:])
+    with pytest.raises(MergeError, match=rf"{shard}: not a readable safetensors file .*fetch the base again"):
+        tensor_shapes(base)

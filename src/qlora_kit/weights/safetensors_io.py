@@ -90,10 +90,14 @@ def tensor_shapes(base: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 
     out = {}
     for f in weight_shards(base)[0]:
-        with safe_open(str(Path(base) / f), framework="pt") as st:
-            for k in st.keys():
-                sl = st.get_slice(k)
-                out[k] = (tuple(sl.get_shape()), sl.get_dtype())
+        try:
+            with safe_open(str(Path(base) / f), framework="pt") as st:
+                for k in st.keys():
+                    sl = st.get_slice(k)
+                    out[k] = (tuple(sl.get_shape()), sl.get_dtype())
+        except Exception as e:  # safetensors' SafetensorError: a damaged header
+            raise MergeError(f"{Path(base) / f}: not a readable safetensors file ({str(e).splitlines()[0][:200]}); "
+                             "fetch the base again") from None
     return out
 
 
