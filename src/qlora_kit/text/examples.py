@@ -1,6 +1,7 @@
 """Rows to training examples: tokenize, mask labels, apply the length policy; read them back.
 
-Pure: the tokenizer is a parameter (anything with encode/bos_id/eos_id/pad_id), no torch.
+Pure: the tokenizer is a parameter (a text.tokenizer.Tok, or anything with its encode/bos_id/eos_id/
+pad_id/bos/eos), no torch.
 """
 from __future__ import annotations
 
@@ -10,24 +11,17 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 from qlora_kit.config import Preprocess, Template
 from qlora_kit.errors import DataError
 from qlora_kit.text.rows import SourceRow, drop_reason, fail
 from qlora_kit.text.templates import render
 
+if TYPE_CHECKING:  # the one tokenizer interface; tests pass stand-ins with the same fields
+    from qlora_kit.text.tokenizer import Tok
+
 
 IGNORE = -100
-
-
-class TokenizerLike(Protocol):
-    bos_id: int | None
-    eos_id: int
-    pad_id: int
-    bos: str
-    eos: str
-
-    def encode(self, text: str) -> list[int]: ...
 
 
 @dataclass
@@ -62,7 +56,7 @@ class Report:
                 "truncated": self.truncated, "tokens": self.tokens}
 
 
-def tokenize_example(rendered_prompt: str, rendered_completion: str, tok: TokenizerLike, tpl: Template,
+def tokenize_example(rendered_prompt: str, rendered_completion: str, tok: Tok, tpl: Template,
                      pp: Preprocess) -> tuple[list[int], list[int], int]:
     """ids, labels and prompt length (in tokens) for one rendered row, before length policy."""
     bos = [tok.bos_id] if (tpl.add_bos and tok.bos_id is not None) else []
@@ -164,7 +158,7 @@ def split_items(items: list, pp: Preprocess) -> tuple[list, list]:
     return [x for i, x in enumerate(items) if i not in val_idx], [x for i, x in enumerate(items) if i in val_idx]
 
 
-def encode_row(r: SourceRow, tok: TokenizerLike, tpl: Template, pp: Preprocess, rep: Report) -> Example | str:
+def encode_row(r: SourceRow, tok: Tok, tpl: Template, pp: Preprocess, rep: Report) -> Example | str:
     """One usable row as an Example, or the reason it is dropped (`overlength`, `no_loss_tokens`)."""
     bound = char_bound(tok, pp)
     if pp.overlength == "drop" and sum(map(len, r.fields.values())) > bound:
@@ -182,7 +176,7 @@ def encode_row(r: SourceRow, tok: TokenizerLike, tpl: Template, pp: Preprocess, 
                    f"{Path(r.file).name}:{r.line}")
 
 
-def build(rows: list[SourceRow], tok: TokenizerLike, tpl: Template, pp: Preprocess
+def build(rows: list[SourceRow], tok: Tok, tpl: Template, pp: Preprocess
           ) -> tuple[dict[str, list[Example]], Report]:
     rep = Report(rows_in=len(rows))
     good = _usable(rows, pp, rep)
