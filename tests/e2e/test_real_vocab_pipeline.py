@@ -13,15 +13,14 @@ Skips without the real tokenizer and data (QLORA_KIT_TEST_DATA).
 """
 from __future__ import annotations
 
-import importlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 from support.goldens import TOKENIZERS, layout, needs_tokenizer, reference_module, tokenizer_dir
+from support.pipeline import run_stages
 from support.repo import SHARED_DATA, copy_repo
 
 pytestmark = [needs_tokenizer, pytest.mark.slow]
@@ -62,19 +61,7 @@ def overrides(recipe: str, model_dir: Path) -> dict:
 
 
 def run(root: Path, recipe: str, sets: dict, stages: tuple[str, ...]) -> None:
-    from qlora_kit.config import load_recipe
-
-    old = os.environ.get("QLORA_KIT_ROOT")
-    os.environ["QLORA_KIT_ROOT"] = str(root)
-    try:
-        r = load_recipe(recipe, sets)
-        for stage in stages:
-            importlib.import_module(f"qlora_kit.{stage}").run(r, sets)
-    finally:
-        if old is None:
-            os.environ.pop("QLORA_KIT_ROOT", None)
-        else:
-            os.environ["QLORA_KIT_ROOT"] = old
+    run_stages(root, stages, sets, recipe)
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not present at {SHARED_DATA}")

@@ -26,8 +26,8 @@ FAST: dict[str, Any] = {
 _ROOT: list[Path] = []
 
 
-def run_stages(root: Path, stages: tuple[str, ...], overrides: dict[str, Any]) -> None:
-    """Run stages in-process with QLORA_KIT_ROOT pointing at `root` (restored afterwards)."""
+def run_stages(root: Path, stages: tuple[str, ...], overrides: dict[str, Any], recipe_name: str = "tiny") -> None:
+    """Run a recipe's stages in-process with QLORA_KIT_ROOT pointing at `root` (restored afterwards)."""
     import importlib
 
     from qlora_kit.config import load_recipe
@@ -35,7 +35,7 @@ def run_stages(root: Path, stages: tuple[str, ...], overrides: dict[str, Any]) -
     old = os.environ.get("QLORA_KIT_ROOT")
     os.environ["QLORA_KIT_ROOT"] = str(root)
     try:
-        recipe = load_recipe("tiny", overrides)
+        recipe = load_recipe(recipe_name, overrides)
         for stage in stages:
             importlib.import_module(f"qlora_kit.{stage}").run(recipe, overrides)
     finally:
@@ -43,6 +43,15 @@ def run_stages(root: Path, stages: tuple[str, ...], overrides: dict[str, Any]) -
             os.environ.pop("QLORA_KIT_ROOT", None)
         else:
             os.environ["QLORA_KIT_ROOT"] = old
+
+
+def fetched_tiny_root(dest: Path) -> Path:
+    """A bare kit root (recipes only) in which the tiny recipe has been fetched by `fetch.run`."""
+    from support.repo import kit_root
+
+    root = kit_root(dest)
+    run_stages(root, ("fetch",), {})
+    return root
 
 
 def pipeline_root(tmp_path_factory) -> Path:

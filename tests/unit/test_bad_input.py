@@ -27,9 +27,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from support.pipeline import fetched_tiny_root
 from support.repo import BIN, kit_env, kit_root
 from support.chartok import CharTok
-from qlora_kit import fetch
 from qlora_kit.config import load_recipe
 from qlora_kit.text.examples import build
 from qlora_kit.errors import DataError
@@ -366,14 +366,7 @@ def test_parquet_rows_equal_the_json_rows_and_keep_placeholders_and_duplicates(t
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory) -> Path:
     """models/tiny/base built once by fetch.run; each CLI case copies it in as a local model."""
-    root = kit_root(tmp_path_factory.mktemp("bad-input-base"))
-    mp = pytest.MonkeyPatch()
-    mp.setenv("QLORA_KIT_ROOT", str(root))
-    try:
-        fetch.run(load_recipe("tiny"))
-    finally:
-        mp.undo()
-    return root / "models" / "tiny" / "base"
+    return fetched_tiny_root(tmp_path_factory.mktemp("bad-input-base")) / "models" / "tiny" / "base"
 
 
 def kit(root: Path, *args: str) -> subprocess.CompletedProcess:

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from support.goldens import TOKENIZERS, needs_tokenizer, tokenizer_dir
-from support.repo import BIN, kit_env, kit_root
+from support.pipeline import fetched_tiny_root
+from support.repo import BIN, kit_env
 from qlora_kit.config import load_recipe
 from qlora_kit.errors import DataError
 from qlora_kit.text.templates import chat_template, render
@@ -27,16 +28,7 @@ from qlora_kit.text.tokenizer import load_tokenizer
 @pytest.fixture(scope="module")
 def fetched(tmp_path_factory) -> Path:
     """A kit root with the tiny recipe fetched (its model folder has tokenizer.json and .model)."""
-    from qlora_kit import fetch
-
-    root = kit_root(tmp_path_factory.mktemp("tok-loaders"))
-    mp = pytest.MonkeyPatch()
-    mp.setenv("QLORA_KIT_ROOT", str(root))
-    try:
-        fetch.run(load_recipe("tiny"))
-    finally:
-        mp.undo()
-    return root
+    return fetched_tiny_root(tmp_path_factory.mktemp("tok-loaders"))
 
 
 def preprocess(root: Path, *sets: str) -> subprocess.CompletedProcess:
