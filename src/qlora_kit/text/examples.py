@@ -176,10 +176,40 @@ def encode_row(r: SourceRow, tok: Tok, tpl: Template, pp: Preprocess, rep: Repor
                    f"{Path(r.file).name}:{r.line}")
 
 
+class _Prepared:
+    """`tok` with the texts of many rows encoded up front in one batch call (`Tok.encode_many`);
+    `encode` answers from that table, so each row's ids are exactly `tok.encode`'s."""
+
+    def __init__(self, tok: Tok, texts: list[str]):
+        self._tok = tok
+        self._ids = dict(zip(texts, tok.encode_many(texts)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tok, name)
+
+    def encode(self, text: str) -> list[int]:
+        got = self._ids.get(text)
+        return list(got) if got is not None else self._tok.encode(text)
+
+
+def _prepare(rows: list[SourceRow], tok: Tok, tpl: Template, pp: Preprocess) -> Any:
+    """Batch-encode what encode_row will ask for (only where the tokenizer has a batch path)."""
+    if getattr(tok, "batch_encoder", None) is None:
+        return tok
+    bound = char_bound(tok, pp)
+    texts: list[str] = []
+    for r in rows:
+        rend = render(tpl, r.fields, bos=tok.bos, eos=tok.eos)
+        p, c = rend.prompt[:bound], rend.completion[:bound]
+        texts += [p, c] if pp.tokenize == "separate" else [p, p + c]
+    return _Prepared(tok, texts)
+
+
 def build(rows: list[SourceRow], tok: Tok, tpl: Template, pp: Preprocess
           ) -> tuple[dict[str, list[Example]], Report]:
     rep = Report(rows_in=len(rows))
     good = _usable(rows, pp, rep)
+    tok = _prepare(good, tok, tpl, pp)
 
     def encode_all(items: list[SourceRow]) -> list[Example]:
         out = []

@@ -57,6 +57,8 @@ class Tok:
     eos: str
     encoder: Callable[[str], list[int]] | None = None
     kind: str = "auto"
+    # many texts in one call (the `tokenizers` batch path), same ids as `encode` on each
+    batch_encoder: Callable[[list[str]], list[list[int]]] | None = None
 
     def encode(self, text: str) -> list[int]:
         if not text:
@@ -64,6 +66,13 @@ class Tok:
         if self.encoder is not None:
             return self.encoder(text)
         return list(self.hf.encode(text, add_special_tokens=False))
+
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        if self.batch_encoder is None:
+            return [self.encode(t) for t in texts]
+        got = self.batch_encoder([t for t in texts if t])
+        it = iter(got)
+        return [next(it) if t else [] for t in texts]
 
 
 def load_tokenizer(path: Path, tpl: Template, *, trust_remote_code: bool = False) -> Tok:
@@ -80,7 +89,7 @@ def load_tokenizer(path: Path, tpl: Template, *, trust_remote_code: bool = False
     tok = apply_policy(AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code), tpl)
     tok.kind = kind
     if kind == "hub-fast":
-        tok.encoder = fast_encoder(source_file(path, "tokenizer.json"))
+        tok.encoder, tok.batch_encoder = fast_encoder(source_file(path, "tokenizer.json"))
     elif kind == "sentencepiece-slow":
         from qlora_kit.text.slow_llama import SlowLlama
 
@@ -88,15 +97,17 @@ def load_tokenizer(path: Path, tpl: Template, *, trust_remote_code: bool = False
     return tok
 
 
-def fast_encoder(file: Path) -> Callable[[str], list[int]]:
-    """`tokenizer.json` as the `tokenizers` library reads it, no special tokens added."""
+def fast_encoder(file: Path) -> tuple[Callable[[str], list[int]], Callable[[list[str]], list[list[int]]]]:
+    """`tokenizer.json` as the `tokenizers` library reads it, no special tokens added: one text,
+    and many texts in one call."""
     from tokenizers import Tokenizer
 
     try:
         backend = Tokenizer.from_file(str(file))
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
         raise DataError(f"{file}: not a readable tokenizer.json ({str(e).splitlines()[0][:200]})") from e
-    return lambda text: backend.encode(text, add_special_tokens=False).ids
+    return (lambda text: backend.encode(text, add_special_tokens=False).ids,
+            lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)])
 
 
 def check_files_agree(tokenizer_json: Path, tokenizer_model: Path) -> None:
