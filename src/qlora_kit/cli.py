@@ -2,6 +2,7 @@
 
     qlora-kit {fetch,preprocess,train,merge,quantize,evaluate} --recipe NAME [--set section.key=value ...]
     qlora-kit render --recipe NAME [--input FILE] [--limit N] [--show-loss]
+    qlora-kit serve --recipe NAME [--gguf TYPE | --merged] [--port N]
 
 Exit codes: 0 ok; 2 bad recipe or bad input (the message names file, line and key; nothing
 is written, because the recipe is validated before any stage starts); 1 anything else.
@@ -16,6 +17,7 @@ import sys
 from qlora_kit.config import STAGE_SECTIONS, RecipeError, load_recipe, parse_overrides
 from qlora_kit.errors import DataError
 from qlora_kit.judge import replay as judge_replay
+from qlora_kit import serve
 
 STAGES = tuple(STAGE_SECTIONS)
 STAGE_OUTPUTS = {"fetch": ("raw", "base"), "preprocess": ("processed",), "train": ("adapter",),
@@ -50,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--limit", type=int, default=None)
     r.add_argument("--show-loss", action="store_true", help="also tokenize and mark which tokens carry loss")
     r.add_argument("--tokenizer", help="tokenizer folder for --show-loss (default models/NAME/base)")
+    _recipe_args(serve.add_cli(sub))
     judge_replay.add_cli(sub)
     return ap
 
@@ -85,12 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     try:
-        if args.command in STAGES or args.command == "render":
+        if args.command in STAGES or args.command in ("render", "serve"):
             overrides = parse_overrides(args.overrides)
             recipe = load_recipe(args.recipe, overrides)  # validated before anything is written
             if args.command == "render":
                 from qlora_kit.text.render import run as render_run
                 return render_run(recipe, args)
+            if args.command == "serve":
+                return serve.run(recipe, args)
             from qlora_kit import artifacts, layout
 
             p = layout.paths(recipe.name)  # a killed run's *.partial-PID folders go first

@@ -23,6 +23,8 @@ Against the source (the reproduction report):
 Writes `reports/NAME/metrics.json` (numbers and short status words for `dvc metrics show/diff`),
 `report.md` (with the loss curve as an embedded PNG) and `reports/NAME/evaluate/` (generations,
 prompt-set answers and judgements, lm-eval results, plot, manifest).
+A judged set whose judge failed, or whose judge replies mostly did not parse (judge/live.py,
+MAX_UNPARSED), has status `failed`: the reports are still written, and the stage exits 1.
 """
 from __future__ import annotations
 
@@ -99,7 +101,7 @@ def judge_prompt_sets(sets: list, answers: dict[str, list[dict[str, Any]]], endp
                     table, recs = judge_live.judge_komt_set(client, rows, texts)
                 else:
                     table, recs = judge_live.judge_alpagasus_set(client, rows, texts, (s.baseline or [])[: len(texts)])
-                entry.update(table, status="ok", of_prompts=len(s.rows))
+                entry.update(table, status=judge_live.set_status(table), of_prompts=len(s.rows))
                 records[s.name] = recs
             except judge_client.JudgeError as e:
                 entry["status"] = f"failed: {e}; rerun to resume from {cache_path.name}"
@@ -280,7 +282,19 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
                                reference=reference, reference_note=reference_note)
     write_json(paths.reports / "metrics.json", for_dvc(metrics))
     write_atomic(paths.reports / "report.md", report)
+    _raise_on_failed_judge(judge_metrics, paths.reports / "report.md")
     return metrics
+
+
+class EvaluationFailed(RuntimeError):
+    """A judged prompt set failed; the reports are written, the stage exits 1 (cli.py)."""
+
+
+def _raise_on_failed_judge(judge: dict[str, Any], report: Path) -> None:
+    failed = [f"{k}: {v['status'].removeprefix('failed: ')}" for k, v in judge.items()
+              if isinstance(v, dict) and str(v.get("status", "")).startswith("failed")]
+    if failed:
+        raise EvaluationFailed(f"judge failed on {len(failed)} prompt set(s): {'; '.join(failed)} (see {report})")
 
 
 def _quantize_files(gguf: Path) -> dict[str, dict[str, Any]]:

@@ -55,7 +55,7 @@ def render(tpl: Template, row: dict[str, str], *, bos: str = "", eos: str = "") 
     return Rendered(substitute(prompt_t, vals), substitute(tpl.completion, vals))
 
 
-def _inference_forms(tpl: Template) -> tuple[str, str | None]:
+def inference_forms(tpl: Template) -> tuple[str, str | None]:
     """(prompt without input, prompt with input or None) of the inference form.
 
     A recipe that sets `inference_prompt` but no `inference_prompt_with_input` drops the input
@@ -69,7 +69,7 @@ def _inference_forms(tpl: Template) -> tuple[str, str | None]:
 def render_inference(tpl: Template, row: dict[str, str], *, bos: str = "", eos: str = "") -> str:
     """The prompt the source used at inference time."""
     vals = _values(tpl, row, bos, eos)
-    plain, with_input = _inference_forms(tpl)
+    plain, with_input = inference_forms(tpl)
     return substitute(with_input if (vals["input"] and with_input is not None) else plain, vals)
 
 
@@ -101,7 +101,7 @@ def chat_template(tpl: Template, *, bos: str, eos: str) -> str:
     ins = "messages[-1]['content']" + method.get(tpl.strip.get("instruction", ""), "")
     inp = "(messages[-1]['input'] if messages[-1]['input'] is defined else '')" + method.get(
         tpl.strip.get("input", ""), "")
-    plain, with_input = _inference_forms(tpl)
+    plain, with_input = inference_forms(tpl)
     body = "{% set instruction = " + ins + " %}{% set input = " + inp + " %}"
     if with_input is not None:
         body += "{% if input %}" + piece(with_input) + "{% else %}" + piece(plain) + "{% endif %}"
