@@ -308,10 +308,11 @@ def load_model(recipe: Recipe, args: argparse.Namespace) -> Model:
         raise DataError(f"{p.merged}: no merged model yet; run `make merge RECIPE={recipe.name}` (or `make "
                         "reproduce`) first")
     model_safety.check(p.merged, recipe.model)
+    if not args.merged:  # checked before anything is loaded
+        qtype, path = _recorded_gguf(p.gguf, args.gguf, recipe)
     tok = load_tokenizer(p.merged, recipe.template, trust_remote_code=recipe.model.trust_remote_code)
     if args.merged:
         return MergedModel(recipe, tok, f"{recipe.name}-merged", p.merged)
-    qtype, path = _recorded_gguf(p.gguf, args.gguf, recipe)
     return GgufModel(recipe, tok, f"{recipe.name}-{qtype}", path)
 
 

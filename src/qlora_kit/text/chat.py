@@ -62,3 +62,4 @@ def chat_row(messages: Any, tpl: Template) -> tuple[dict[str, str], Template]:
         raise ChatError(f"messages: roles [{got}] do not fit this single-turn model: send [system?] user "
                         "[user]: the instruction, then optionally the Alpaca input")
     return {"instruction": turns[0][1], "input": turns[1][1] if len(turns) > 1 else ""}, tpl
+
