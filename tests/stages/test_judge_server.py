@@ -61,6 +61,10 @@ def llama_server(tmp_path_factory, tmp_path):
     log = open(tmp_path / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
                              "--port", str(port), "--n_ctx", "2048", "--seed", "0",
+                             # a judge's chat format, not the GGUF's own template: that one follows the
+                             # kit's chat convention and refuses the AlpaGasus judge's system message
+                             # (the tiny prompt has no system text)
+                             "--chat_format", "chatml",
                              # one thread: on a shared 2-core machine two spinning llama.cpp threads
                              # make a 4M-parameter model take seconds per reply instead of ~1 s
                              "--n_threads", "1", "--n_threads_batch", "1"],
