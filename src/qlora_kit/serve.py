@@ -240,7 +240,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         path = "/v1" + self.path.removeprefix("/v1").rstrip("/")
         if path not in ("/v1/chat/completions", "/v1/completions"):
-            self._error(404, f"{self.path}: not found (POST /v1/chat/completions or /v1/completions)", "not_found_error")
+            self._error(404, f"{self.path}: not found (POST /v1/chat/completions or /v1/completions)",
+                        "not_found_error")
             return
         try:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")

@@ -4,6 +4,7 @@ clients, is tests/e2e/test_serve_openai.py."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,8 @@ def test_chat_row_reads_instruction_input_and_system_where_the_prompt_has_one():
 
 
 @pytest.mark.parametrize("messages, says", [
-    ([{"role": "system", "content": "x"}, {"role": "user", "content": "q"}], "messages[0]: this model's prompt has no system"),
+    ([{"role": "system", "content": "x"}, {"role": "user", "content": "q"}],
+     "messages[0]: this model's prompt has no system"),
     ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "roles [user assistant]"),
     ([{"role": "user", "content": "q"}] * 3, "roles [user user user]"),
     ([{"role": "user", "content": "q", "input": "x"}], "messages[0].input: not part of the chat convention"),
@@ -40,7 +42,7 @@ def test_chat_row_reads_instruction_input_and_system_where_the_prompt_has_one():
     ("hi", "messages: a non-empty list"),
 ])
 def test_chat_row_refuses_what_the_convention_cannot_say(messages, says):
-    with pytest.raises(ChatError, match=__import__("re").escape(says)):
+    with pytest.raises(ChatError, match=re.escape(says)):
         chat_row(messages, load_recipe("tiny").template)
 
 
