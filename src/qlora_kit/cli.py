@@ -22,6 +22,12 @@ from qlora_kit import serve
 STAGES = tuple(STAGE_SECTIONS)
 STAGE_OUTPUTS = {"fetch": ("raw", "base"), "preprocess": ("processed",), "train": ("adapter",),
                  "merge": ("merged",), "quantize": ("gguf",), "evaluate": ("reports",)}
+# What a stage reads, and which stage writes it: a stage run before its inputs exist says which
+# one to run first, in one line, instead of failing deep inside a library.
+STAGE_INPUTS = {"preprocess": ("raw",), "train": ("base", "processed"), "merge": ("base", "adapter"),
+                "quantize": ("merged",), "evaluate": ("merged", "gguf")}
+MADE_BY = {"raw": "fetch", "base": "fetch", "processed": "preprocess", "adapter": "train", "merged": "merge",
+           "gguf": "quantize"}
 STAGE_HELP = {
     "fetch": "put the base model and the raw data in place (tiny: build them offline)",
     "preprocess": "render, tokenize, mask labels, split; write the data report",
@@ -83,6 +89,15 @@ def _enable(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_inputs(stage: str, name: str, p) -> None:
+    for part in STAGE_INPUTS.get(stage, ()):
+        path = getattr(p, part)
+        if not path.exists():
+            first = MADE_BY[part]
+            raise DataError(f"{path} does not exist yet: run `qlora-kit {first} --recipe {name}` first (or "
+                            f"`make {stage} RECIPE={name}`, which runs every stage {stage} needs)")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ap = build_parser()
@@ -102,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             artifacts.clear_dead_partials([p.raw.parent, p.base.parent, p.reports])
             for out in STAGE_OUTPUTS.get(args.command, ()):  # symlinked outputs: refused before any work
                 artifacts.check_target(getattr(p, out))
+            _check_inputs(args.command, recipe.name, p)
             module = importlib.import_module(f"qlora_kit.{args.command}")
             module.run(recipe, overrides)
             return 0
