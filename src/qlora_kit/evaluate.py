@@ -9,7 +9,7 @@ Measures, on the validation split (completion-only loss, as preprocess labelled 
   in each GGUF: the share that ends with EOS before max_new_tokens, answer lengths, and the share
   that exactly matches the reference answer.
 Against the source (the reproduction report):
-- the source's prompt sets (`eval.prompt_sets`, read from ../shared/data or downloaded at the
+- the source's prompt sets (`eval.prompt_sets`, read from a local mirror or downloaded at the
   pinned commit, sha256-checked; see prompt_sets.py) answered by the merged model with the
   source's generation settings, and judged (komt 0-5 / AlpaGasus pairwise, judge.py) when a judge
   endpoint is configured (QLORA_KIT_JUDGE_BASE_URL / QLORA_KIT_JUDGE_MODEL or eval.judge_*; key
@@ -159,7 +159,7 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
     # Evaluation inputs first, so a prompt file that does not fit the recipe's field mapping stops
     # the stage before any model is loaded. Pinned files are downloaded only when a judge is
     # configured (such a run is online anyway); otherwise the stage stays offline like every stage
-    # after fetch, and a file missing from ../shared/data is reported as unavailable.
+    # after fetch, and a file missing from the local mirror is reported as unavailable.
     endpoint = resolve_endpoint(e.judge_base_url, e.judge_model)
     downloads = paths.reports / "prompt_sets"
     sets = load_prompt_sets(recipe, downloads, endpoint.configured)

@@ -327,7 +327,7 @@ def test_add_cli_registers_judge_replay():
     parser = argparse.ArgumentParser()
     judge_replay.add_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["judge", "replay", "--style", "komt"])
-    assert args.func is judge_replay._cmd_replay and args.data_dir == judge_replay.DEFAULT_DATA_DIR
+    assert args.func is judge_replay._cmd_replay and args.data_dir is None  # then $QLORA_KIT_SHARED_DATA
     with pytest.raises(SystemExit):
         parser.parse_args(["judge", "replay", "--style", "mtbench"])
 
@@ -594,3 +594,13 @@ def test_evaluate_raises_after_writing_when_a_judged_set_failed(tmp_path):
     with pytest.raises(evaluate.EvaluationFailed, match=r"judge failed on 1 prompt set\(s\): komt-37: 37 of 37"):
         evaluate._raise_on_failed_judge({"komt-37": {"status": "failed: 37 of 37 judge replies did not parse"},
                                          "b": {"status": "off: not configured"}}, tmp_path / "report.md")
+
+
+def test_replay_reads_the_mirror_the_environment_names_and_says_so_without_one(monkeypatch, capsys):
+    monkeypatch.setenv("QLORA_KIT_SHARED_DATA", str(FIXTURE_DATA))
+    assert judge_replay.main(["replay", "--style", "komt"]) == 0
+    capsys.readouterr()
+    monkeypatch.delenv("QLORA_KIT_SHARED_DATA")
+    assert judge_replay.main(["replay", "--style", "alpagasus"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "set QLORA_KIT_SHARED_DATA to that folder or pass --data-dir" in err
