@@ -4,8 +4,11 @@ over the tiny pipeline's GGUF (tests/support/pipeline.py: f16 only, 3 training s
 
 - every held-out prompt, with and without an input (a second user message), answered through
   `chat.completions` equals the kit's own generation (scoring/generation.gguf_generate, what
-  evaluate runs) token for token, with the same prompt length, and finish_reason says whether it
-  ended at EOS; streaming and `/v1/completions` give the same text;
+  evaluate runs), with the same prompt length, and finish_reason says whether it ended at EOS;
+  streaming and `/v1/completions` give the same text. The test model (3 training steps) ends
+  every templated answer at once with EOS, so `/v1/completions` on raw text (which it continues)
+  is also compared with the kit's loop, text and token count; the merged model likewise with
+  scoring/generation.hf_generate;
 - a system message (the tiny prompt has no {system}) and an assistant turn are refused with 400;
 - the live komt judge runs against the server, and its status follows the unparsed share.
 """
@@ -28,7 +31,7 @@ from support.repo import REPO
 pytestmark = pytest.mark.slow
 openai = pytest.importorskip("openai", reason="the openai package (pyproject's test extra) is not installed")
 
-SERVE = ["-m", "qlora_kit", "serve", "--recipe", "tiny", "--gguf", "f16", "--port", "0"]
+SERVE = ["-m", "qlora_kit", "serve", "--recipe", "tiny", "--port", "0"]
 
 
 def start_server(root: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
@@ -59,7 +62,7 @@ def stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = pipeline_root(tmp_path_factory)
-    proc, base = start_server(root, tmp_path_factory.mktemp("serve") / "serve.log")
+    proc, base = start_server(root, tmp_path_factory.mktemp("serve") / "serve.log", "--gguf", "f16")
     try:
         yield root, base
     finally:
@@ -82,9 +85,13 @@ def own(served):
         rows += [r for r in read_split(root / "data/tiny/processed", "train") if r["input"]][:2]
     tok = load_tokenizer(root / "models/tiny/merged", recipe.template)
     prompts = [prompt_ids(recipe, tok, r) for r in rows]
+    # the test model (3 training steps) ends every templated answer at once with EOS; raw text
+    # without the template gives the completions endpoint something to continue
+    raw = [[tok.bos_id] + tok.encode(r["instruction"]) for r in rows]
     with open_gguf(root / "models/tiny/gguf/model-f16.gguf", n_ctx=2048, seed=0) as llm:
         gens = gguf_generate(llm, tok, recipe, prompts)
-    return rows, prompts, gens
+        raw_gens = gguf_generate(llm, tok, recipe, raw)
+    return rows, prompts, gens, raw_gens
 
 
 def messages(row: dict) -> list[dict]:
@@ -94,11 +101,10 @@ def messages(row: dict) -> list[dict]:
 
 def test_models_and_every_held_out_answer_equal_the_kits_own(served, own):
     _, base = served
-    rows, prompts, gens = own
+    rows, prompts, gens, _ = own
     client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
     assert [m.id for m in client.models.list().data] == ["tiny-f16"]
     assert any(r["input"] for r in rows) and any(not r["input"] for r in rows)
-    assert any(g["text"] for g in gens)  # something to compare
     for row, ids, gen in zip(rows, prompts, gens):
         r = client.chat.completions.create(model="tiny-f16", messages=messages(row))
         assert r.choices[0].message.content == gen["text"], row
@@ -106,12 +112,26 @@ def test_models_and_every_held_out_answer_equal_the_kits_own(served, own):
         assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), gen["tokens"])
 
 
+def test_completions_continue_raw_text_as_the_kits_own_loop(served, own):
+    _, base = served
+    rows, _, _, raw_gens = own
+    assert any(g["text"] for g in raw_gens), raw_gens  # non-empty answers to compare
+    client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
+    for row, gen in zip(rows, raw_gens):
+        r = client.completions.create(model="tiny-f16", prompt=row["instruction"])
+        assert r.choices[0].text == gen["text"] and r.usage.completion_tokens == gen["tokens"]
+        assert r.choices[0].finish_reason == ("stop" if gen["ended_with_eos"] else "length")
+    row, gen = next((r, g) for r, g in zip(rows, raw_gens) if g["text"])
+    chunks = list(client.completions.create(model="tiny-f16", prompt=row["instruction"], stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == gen["text"] and len(chunks) > 2
+
+
 def test_streaming_and_completions_give_the_same_text(served, own):
     from qlora_kit.config import load_recipe
     from qlora_kit.text.templates import render_inference
 
     _, base = served
-    rows, _, gens = own
+    rows, _, gens, _ = own
     row, gen = next((r, g) for r, g in zip(rows, gens) if r["input"])
     client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
     chunks = list(client.chat.completions.create(model="tiny-f16", messages=messages(row), stream=True))
@@ -144,7 +164,7 @@ def test_the_live_judge_runs_against_the_server(served, own):
     from qlora_kit.judge.client import JudgeClient
 
     _, base = served
-    rows, _, gens = own
+    rows, _, gens, _ = own
     client = JudgeClient(base, "tiny-f16", require_api_key=False, max_attempts=1)
     table, records = live.judge_komt_set(client, rows[:2], [g["text"] for g in gens[:2]])
     assert client.stats.completions == 2 and table["n"] == 2 and len(records) == 2
@@ -168,7 +188,6 @@ def _as_tested(code: str, base: str) -> str:
 
 def test_readme_use_the_outputs_commands_run(served, own):
     root, base = served
-    rows, _, gens = own
     blocks = readme_blocks()
     assert [k for k, _ in blocks].count("python") == 2, blocks
     ran = []
@@ -198,3 +217,33 @@ def test_readme_use_the_outputs_commands_run(served, own):
             elif cmd and not cmd.startswith("#"):
                 pytest.fail(f"README 'Use the outputs' has a command no test runs: {cmd}")
     assert {"curl", "make", "python"} <= set(ran), ran
+
+
+def test_the_merged_model_served_answers_as_the_kits_hf_generation(served, own, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora_kit.config import load_recipe
+    from qlora_kit.scoring.generation import hf_generate
+    from qlora_kit.text.tokenizer import load_tokenizer
+
+    root, _ = served
+    rows, prompts, _, _ = own
+    recipe = load_recipe("tiny")
+    tok = load_tokenizer(root / "models/tiny/merged", recipe.template)
+    model = AutoModelForCausalLM.from_pretrained(str(root / "models/tiny/merged"), dtype=torch.float32).eval()
+    want = hf_generate(model, tok, recipe, prompts[:2])
+    raw = hf_generate(model, tok, recipe, [[tok.bos_id] + tok.encode(r["instruction"]) for r in rows[:2]])
+    proc, base = start_server(root, tmp_path / "merged.log", "--merged")
+    try:
+        client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny-merged"]
+        for row, gen in zip(rows[:2], want):
+            r = client.chat.completions.create(model="tiny-merged", messages=messages(row))
+            assert r.choices[0].message.content == gen["text"]
+            assert r.choices[0].finish_reason == ("stop" if gen["ended_with_eos"] else "length")
+        for row, gen in zip(rows[:2], raw):
+            assert client.completions.create(model="tiny-merged", prompt=row["instruction"]).choices[0].text == \
+                gen["text"]
+    finally:
+        stop(proc)
