@@ -161,7 +161,7 @@ def test_requests_outside_the_convention_are_refused_with_one_message(served):
 
 def test_the_live_judge_runs_against_the_server(served, own):
     from qlora_kit.judge import live
-    from qlora_kit.judge.client import JudgeClient
+    from qlora_kit.judge.client import JudgeClient, JudgeError
 
     _, base = served
     rows, _, gens, _ = own
@@ -171,6 +171,10 @@ def test_the_live_judge_runs_against_the_server(served, own):
     assert all(isinstance(r["judge"], str) for r in records)
     status = live.set_status(table)
     assert status == "ok" if table["unparsed"] == 0 else status.startswith("failed: ")
+    # the AlpaGasus judge sends a system message, which the tiny prompt has no place for: a 400
+    # the judge client gives up on at once, with the server's sentence
+    with pytest.raises(JudgeError, match="HTTP 400.*has no system text"):
+        live.judge_alpagasus_set(client, rows[:1], ["a"], ["b"])
 
 
 # --- the README's "Use the outputs" commands, run as written (the test pipeline has only f16) -----
