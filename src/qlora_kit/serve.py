@@ -82,6 +82,13 @@ class Model:
             raise ChatError("n: only one choice per request (n = 1)")
         return s
 
+    n_ctx = 0  # the context the backend holds (tokens); 0: unknown
+
+    def check_length(self, prompt: int, s: dict[str, Any]) -> None:
+        if self.n_ctx and prompt + s["max_tokens"] > self.n_ctx:
+            raise ChatError(f"the prompt ({prompt} tokens) plus max_tokens ({s['max_tokens']}) exceeds the "
+                            f"{self.n_ctx}-token context; shorten the prompt or lower max_tokens")
+
     def tokens(self, ids: list[int], s: dict[str, Any]) -> Iterator[int]:
         raise NotImplementedError
 
@@ -100,6 +107,7 @@ class GgufModel(Model):
         self._open = open_gguf(path, n_ctx=max(2048, recipe.preprocess.max_length + 512), seed=0)
         self.llm = self._open.__enter__()
         self.eos_ids.add(self.llm.token_eos())  # as gguf_generate: the tokenizer's EOS or the GGUF's
+        self.n_ctx = self.llm.n_ctx()
 
     def tokens(self, ids: list[int], s: dict[str, Any]) -> Iterator[int]:
         # the same call as scoring/generation.gguf_generate: llama.cpp's sampler, greedy unless sampling
@@ -125,6 +133,7 @@ class MergedModel(Model):
         self.model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=torch.float32, trust_remote_code=recipe.model.trust_remote_code,
             use_safetensors=not recipe.model.allow_pickle or None).eval()
+        self.n_ctx = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
 
     def tokens(self, ids: list[int], s: dict[str, Any]) -> Iterator[int]:
         # the same call as scoring/generation.hf_generate; generated whole, then streamed
@@ -218,8 +227,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):  # one short line per request on stderr
         sys.stderr.write(f"qlora-kit serve: {self.command} {self.path} {args[1] if len(args) > 1 else ''}\n")
 
+    headers_sent = False
+
     def _json(self, status: int, obj: Any) -> None:
         data = json.dumps(obj, ensure_ascii=False).encode()
+        self.headers_sent = True
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -238,6 +250,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                         "not_found_error")
 
     def do_POST(self):
+        self.headers_sent = False  # one handler serves every request of a kept-alive connection
         path = "/v1" + self.path.removeprefix("/v1").rstrip("/")
         if path not in ("/v1/chat/completions", "/v1/completions"):
             self._error(404, f"{self.path}: not found (POST /v1/chat/completions or /v1/completions)",
@@ -248,11 +261,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if not isinstance(body, dict):
                 raise ChatError("the request body must be a JSON object")
             ids, s, stops = _prompt(self.model, path, body), self.model.settings(body), _stops(body)
+            self.model.check_length(len(ids), s)
         except (ValueError, ChatError) as e:  # json's errors are ValueErrors too
             self._error(400, str(e) if isinstance(e, ChatError) else f"the request body is not JSON: {e}")
             return
         with self.model.lock:
-            self._answer(path == "/v1/chat/completions", ids, s, stops, bool(body.get("stream")))
+            try:
+                self._answer(path == "/v1/chat/completions", ids, s, stops, bool(body.get("stream")))
+            except (BrokenPipeError, ConnectionResetError):  # the client went away; nothing to tell it
+                pass
+            except Exception as e:  # one line to the caller and on stderr, and the server goes on
+                sys.stderr.write(f"qlora-kit serve: error: {type(e).__name__}: {e}\n")
+                if not self.headers_sent:
+                    self._error(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
 
     def _answer(self, chat: bool, ids: list[int], s: dict[str, Any], stops: list[str], stream: bool) -> None:
         Handler.served += 1
@@ -265,6 +286,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._json(200, {**head, "choices": [_choice(chat, text, finish, False)], "usage": {
                 "prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}})
             return
+        self.headers_sent = True
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")

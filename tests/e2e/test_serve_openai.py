@@ -157,6 +157,10 @@ def test_requests_outside_the_convention_are_refused_with_one_message(served):
             client.chat.completions.create(model="tiny-f16", messages=msgs)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.chat.completions.create(model="tiny-f16", messages=[{"role": "user", "content": "x"}], max_tokens=0)
+    with pytest.raises(openai.BadRequestError, match="exceeds the 2048-token context"):
+        client.chat.completions.create(model="tiny-f16", messages=[{"role": "user", "content": "x"}], max_tokens=5000)
+    # the server goes on answering after every refusal
+    assert client.chat.completions.create(model="tiny-f16", messages=[{"role": "user", "content": "x"}]).choices
 
 
 def test_the_live_judge_runs_against_the_server(served, own):
