@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from support.pipeline import pipeline_root
-from support.repo import REPO
+from support.repo import REPO, terminate
 
 pytestmark = pytest.mark.slow
 openai = pytest.importorskip("openai", reason="the openai package (pyproject's test extra) is not installed")
@@ -50,15 +50,6 @@ def start_server(root: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, 
     return proc, m.group(1)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = pipeline_root(tmp_path_factory)
@@ -66,7 +57,7 @@ def served(tmp_path_factory):
     try:
         yield root, base
     finally:
-        stop(proc)
+        terminate(proc)
 
 
 @pytest.fixture(scope="module")
@@ -254,4 +245,4 @@ def test_the_merged_model_served_answers_as_the_kits_hf_generation(served, own, 
             assert client.completions.create(model="tiny-merged", prompt=row["instruction"]).choices[0].text == \
                 gen["text"]
     finally:
-        stop(proc)
+        terminate(proc)

@@ -36,6 +36,7 @@ import pytest
 from qlora_kit import evaluate
 from qlora_kit.config import load_recipe
 from support.pipeline import FAST, clone_outputs, pipeline_root
+from support.repo import terminate
 from qlora_kit.judge import client as judge_client
 from qlora_kit.judge import live as judge_live
 from qlora_kit.judge import prompts as judge_prompts
@@ -84,12 +85,7 @@ def llama_server(tmp_path_factory, tmp_path):
                 time.sleep(0.5)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
         log.close()
 
 
