@@ -102,9 +102,13 @@ class Template(_Section):
     # Inference forms where the source prompted differently from how it trained (komt, Polyglot).
     inference_prompt: str | None = None
     inference_prompt_with_input: str | None = None
-    strip: dict[Literal["instruction", "input", "output"], Literal["both", "left", "right"]] = Field(
+    # "right_joined": rstrip the value together with the template text before it, as one string
+    # (llama2-koalpaca strips "<<SYS>>...{instruction}" whole: an empty instruction loses the "\n\n")
+    strip: dict[Literal["instruction", "input", "output"], Literal["both", "left", "right", "right_joined"]] = Field(
         default_factory=dict
     )
+    # the tokenizer code the source ran (text/tokenizer.py): hub-fast | sentencepiece-slow | auto
+    tokenizer: Literal["auto", "hub-fast", "sentencepiece-slow"] = "auto"
     add_bos: bool = True  # prepend the tokenizer's BOS id to the prompt ids (explicitly, never implied)
     special_tokens: dict[Literal["bos", "eos", "unk", "pad"], str] = Field(default_factory=dict)
     pad_token: Literal["eos", "unk", "tokenizer"] = "tokenizer"  # what pad is set to
@@ -123,6 +127,10 @@ class Preprocess(_Section):
     shuffle_seed: int | None = Field(None, ge=0)
     on_bad_row: Literal["error", "drop"] = "error"
     dedupe: bool = False
+    # drop rows the kit finds unusable though readable (empty or whitespace-only instruction or
+    # output, C0 control characters, no loss token left), counted by reason. false: keep them,
+    # as the sources' code did
+    clean_rows: bool = True
 
 
 class QLoRA(_Section):

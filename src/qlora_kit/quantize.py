@@ -12,6 +12,11 @@ template) and `data/NAME/processed`; writes `models/NAME/gguf/` (`model-<type>.g
    copies the merged folder's `chat_template.jinja` into `tokenizer.chat_template` and
    `add_bos_token` (written explicitly by merge) into `tokenizer.ggml.add_bos_token`; the stage
    checks both and the BOS/EOS ids against the recipe's tokenizer and fails on any difference.
+1b. the token gate (gguf/token_gate.py): llama.cpp, reading the f16 file's vocabulary only,
+   tokenizes every processed training and validation text (BOS text + prompt + completion, special
+   tokens parsed) to exactly the `input_ids` preprocess wrote, and agrees with sentencepiece on
+   every plain field where the vocabulary is sentencepiece's; a mismatch stops the stage (exit 2)
+   naming the row and the first differing tokens;
 2. every other type (q8_0, q4_0, q4_k_m, q5_k_m, q6_k) from that f16 file with the binding's
    `llama_model_quantize`, the same code as llama.cpp's `llama-quantize` (metadata is copied);
 3. each file read back with the sdist's `GGUFReader`: size, sha256, tensors per GGML type. The
@@ -193,7 +198,8 @@ def _failures(report: dict[str, Any]) -> str:
 def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     from qlora_kit import layout
     from qlora_kit.gguf import converter
-    from qlora_kit.artifacts import StageRun, atomic_dir, sha256_file, write_json
+    from qlora_kit.artifacts import StageRun, atomic_dir, write_json
+    from qlora_kit.gguf.token_gate import token_gate
     from qlora_kit.text.examples import parity_rows
     from qlora_kit.text.tokenizer import load_tokenizer
 
@@ -227,6 +233,8 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
         st.facts["shims"] = {k: conv[k] for k in ("hparams_patches", "pre_tokenizer_registration") if k in conv}
         st.facts["metadata"] = check_metadata(f16, gguf, expected_metadata(recipe, tok, template))
         st.lap("convert_f16")
+        st.facts["token_gate"] = token_gate(f16, merged, paths.processed, recipe, tok.bos)
+        st.lap("token_gate")
 
         files: dict[str, Any] = {}
         for qtype in types:
@@ -241,24 +249,33 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
         st.lap("verify")
 
         report = gguf_parity(recipe, {t: out / f"model-{t}.gguf" for t in types}, rows, tok, hf_ref, f16)
-        report = {"rows": len(rows), "split": split, **ref_info, **report}
+        report = {"rows": len(rows), "split": split, **ref_info, "token_gate": st.facts["token_gate"], **report}
         write_json(paths.reports / "gguf_parity.json", report)
         st.lap("parity")
         if not report["passed"]:
             raise QuantizeError(f"GGUF parity failed: {_failures(report)} (see {paths.reports / 'gguf_parity.json'})")
 
-        for qtype in types:
-            name = f"model-{qtype}.gguf"
-            (out / f"model-{qtype}.Modelfile").write_text(
-                modelfile(recipe, name, recipe.template.add_bos, tok.bos, tok.eos), encoding="utf-8")
-        if "f16" not in types:  # intermediate only: recorded, not shipped
-            st.facts["intermediate"] = {"file": f16.name, "size_bytes": f16.stat().st_size,
-                                        "sha256": sha256_file(f16)}
-            f16.unlink()
-        st.facts["files"] = files
-        st.facts["parity"] = {t: {k: r[k] for k in ("mean_kl", "top1_agreement", "ppl", "passed")}
-                              for t, r in report["types"].items()}
-        for qtype, info in files.items():
-            print(f"quantize: {info['file']}: {info['size_bytes'] / 2**20:.1f} MiB, {info['tensor_types']}", flush=True)
-        write_json(out / "manifest.json", st.manifest())
+        _finish(recipe, st, out, types, files, report, tok)
     return st.facts
+
+
+def _finish(recipe: Recipe, st: Any, out: Path, types: list[str], files: dict[str, Any],
+            report: dict[str, Any], tok: Any) -> None:
+    """Modelfiles, the f16 intermediate's record, the manifest: the passed folder's last files."""
+    from qlora_kit.artifacts import sha256_file, write_json
+
+    f16 = out / "model-f16.gguf"
+    for qtype in types:
+        name = f"model-{qtype}.gguf"
+        (out / f"model-{qtype}.Modelfile").write_text(
+            modelfile(recipe, name, recipe.template.add_bos, tok.bos, tok.eos), encoding="utf-8")
+    if "f16" not in types:  # intermediate only: recorded, not shipped
+        st.facts["intermediate"] = {"file": f16.name, "size_bytes": f16.stat().st_size,
+                                    "sha256": sha256_file(f16)}
+        f16.unlink()
+    st.facts["files"] = files
+    st.facts["parity"] = {t: {k: r[k] for k in ("mean_kl", "top1_agreement", "ppl", "passed")}
+                          for t, r in report["types"].items()}
+    for qtype, info in files.items():
+        print(f"quantize: {info['file']}: {info['size_bytes'] / 2**20:.1f} MiB, {info['tensor_types']}", flush=True)
+    write_json(out / "manifest.json", st.manifest())

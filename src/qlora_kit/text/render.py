@@ -31,9 +31,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
-from qlora_kit.config import Recipe
+from qlora_kit.config import Preprocess, Recipe
 from qlora_kit.errors import DataError
-from qlora_kit.text.rows import SourceRow, fail, read_rows
+from qlora_kit.text.rows import SourceRow, drop_reason, fail, read_rows
 from qlora_kit.text.templates import render, render_inference
 
 # The special-token strings of the architectures' reference tokenizers (Llama-2; Polyglot-ko),
@@ -76,12 +76,13 @@ def source_rows(recipe: Recipe, input_file: str | None) -> list[SourceRow]:
     return load_rows(raw, recipe)
 
 
-def usable(rows: Iterable[SourceRow], on_bad_row: str, dropped: Counter) -> Iterable[SourceRow]:
+def usable(rows: Iterable[SourceRow], pp: Preprocess, dropped: Counter) -> Iterable[SourceRow]:
     for r in rows:
-        if r.problem:
-            if on_bad_row == "error":
+        reason = drop_reason(r, pp.clean_rows)
+        if reason:
+            if pp.on_bad_row == "error":
                 raise fail(r)
-            dropped[r.problem] += 1
+            dropped[reason] += 1
             continue
         yield r
 
@@ -141,7 +142,7 @@ def run(recipe: Recipe, args: Any) -> int:
     dropped: Counter = Counter()
     # Render everything before printing, so a strict-mode error leaves no partial output.
     lines = []
-    for r in usable(rows, recipe.preprocess.on_bad_row, dropped):
+    for r in usable(rows, recipe.preprocess, dropped):
         if limit is not None and len(lines) >= limit:
             break
         obj = render_row(recipe, r, bos, eos, tok if getattr(args, "show_loss", False) else None)

@@ -37,6 +37,9 @@ from qlora_kit.errors import DataError
 from qlora_kit.config import Recipe
 
 FIELDS = ("instruction", "input", "output")
+# readable rows the kit calls unusable; the sources trained on them (`preprocess.clean_rows: false`
+# keeps them, as their code did)
+CLEANING_PROBLEMS = frozenset({"empty_instruction", "empty_output", "control_character"})
 
 # C0 controls other than tab, LF and CR: never meaningful in instruction data and often the sign
 # of a bad conversion; NUL also truncates strings in some C tokenizer paths.
@@ -297,6 +300,14 @@ def check_row(file: str, line: int, rec: object, mapping: dict[str, str], *, uni
             return bad("control_character", f"field {names[f]!r} contains control character "
                                             f"U+{ord(m.group()):04X} at character {m.start()}", out)
     return SourceRow(file, line, out, unit=unit)
+
+
+def drop_reason(row: SourceRow, clean_rows: bool) -> str:
+    """Why a row is not used ("" when it is): its problem, unless the recipe keeps rows of that
+    kind (`clean_rows: false` keeps CLEANING_PROBLEMS rows, as the sources did)."""
+    if row.problem and (clean_rows or row.problem not in CLEANING_PROBLEMS):
+        return row.problem
+    return ""
 
 
 def fail(row: SourceRow) -> DataError:

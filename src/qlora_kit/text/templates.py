@@ -36,9 +36,20 @@ def _strip(value: str, how: str | None) -> str:
         return value.strip()
     if how == "left":
         return value.lstrip()
-    if how == "right":
+    if how in ("right", "right_joined"):
         return value.rstrip()
     return value
+
+
+def _fill(tpl: Template, template: str, vals: dict[str, str]) -> str:
+    """`substitute`, plus `strip: right_joined`: the text before such a placeholder and its value
+    are right-stripped as one string (so an empty value also loses the whitespace before it)."""
+    for key, how in tpl.strip.items():
+        token = "{" + key + "}"
+        if how == "right_joined" and token in template:
+            head, rest = template.split(token, 1)
+            return (substitute(head, vals) + vals[key]).rstrip() + substitute(rest, vals)
+    return substitute(template, vals)
 
 
 def _values(tpl: Template, row: dict[str, str], bos: str, eos: str) -> dict[str, str]:
@@ -52,7 +63,7 @@ def render(tpl: Template, row: dict[str, str], *, bos: str = "", eos: str = "") 
     vals = _values(tpl, row, bos, eos)
     has_input = bool(vals["input"])
     prompt_t = tpl.prompt_with_input if (has_input and tpl.prompt_with_input is not None) else tpl.prompt
-    return Rendered(substitute(prompt_t, vals), substitute(tpl.completion, vals))
+    return Rendered(_fill(tpl, prompt_t, vals), _fill(tpl, tpl.completion, vals))
 
 
 def inference_forms(tpl: Template) -> tuple[str, str | None]:
@@ -70,7 +81,7 @@ def render_inference(tpl: Template, row: dict[str, str], *, bos: str = "", eos: 
     """The prompt the source used at inference time."""
     vals = _values(tpl, row, bos, eos)
     plain, with_input = inference_forms(tpl)
-    return substitute(with_input if (vals["input"] and with_input is not None) else plain, vals)
+    return _fill(tpl, with_input if (vals["input"] and with_input is not None) else plain, vals)
 
 
 def chat_messages(row: dict[str, str]) -> list[dict[str, str]]:
@@ -106,7 +117,18 @@ def chat_template(tpl: Template, *, bos: str, eos: str) -> str:
             out.append("{{ '" + jinja_literal(t[pos:]) + "' }}")
         return "".join(out)
 
-    method = {"both": ".strip()", "left": ".lstrip()", "right": ".rstrip()"}
+    def joined(t: str) -> str:  # strip: right_joined, with the head rendered here (it is constant)
+        for key, how in tpl.strip.items():
+            token = "{" + key + "}"
+            if how == "right_joined" and token in t:
+                head, rest = t.split(token, 1)
+                static = substitute(head, {"system": tpl.system, "bos": bos, "eos": eos, "instruction": "",
+                                           "input": "", "output": ""}).rstrip()
+                return ("{% if " + key + " %}" + piece(t) + "{% else %}{{ '" + jinja_literal(static)
+                        + "' }}" + piece(rest) + "{% endif %}")
+        return piece(t)
+
+    method = {"both": ".strip()", "left": ".lstrip()", "right": ".rstrip()", "right_joined": ".rstrip()"}
     plain, with_input = inference_forms(tpl)
     # the chat convention (text/chat.py): [system] user [user] = [system text] instruction [input]
     body = "{% set first = 1 if messages[0]['role'] == 'system' else 0 %}"
@@ -119,7 +141,7 @@ def chat_template(tpl: Template, *, bos: str, eos: str) -> str:
              + " %}{% set input = (messages[first + 1]['content'] if messages|length > first + 1 else '')"
              + method.get(tpl.strip.get("input", ""), "") + " %}")
     if with_input is not None:
-        body += "{% if input %}" + piece(with_input) + "{% else %}" + piece(plain) + "{% endif %}"
+        body += "{% if input %}" + joined(with_input) + "{% else %}" + joined(plain) + "{% endif %}"
     else:
-        body += piece(plain)
+        body += joined(plain)
     return body

@@ -40,6 +40,9 @@ def _train_sentencepiece(texts: list[str], vocab_size: int) -> bytes:
         sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
         character_coverage=0.9995, byte_fallback=True, split_digits=True, num_threads=1,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2,
+        # Llama-2's normalizer spec: text as is (no NFKC, runs of spaces and newlines kept), so
+        # sentencepiece, the slow/fast tokenizers and llama.cpp see the same pieces
+        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
         # deterministic: no sampling, fixed input order
         shuffle_input_sentence=False, input_sentence_size=0,
     )

@@ -25,7 +25,7 @@ def hf_chat_template(recipe: Recipe, tok: Any) -> str:
 def write_tokenizer(recipe: Recipe, base: Path, out: Path) -> dict[str, Any]:
     """Save the recipe's tokenizer (special-token policy applied) with its chat template and an
     explicit add_bos_token / add_eos_token, which llama.cpp's converter copies into the GGUF; then
-    check, on the saved folder, that the chat template tokenizes exactly as training did.
+    check, on the saved folder, that the chat template renders exactly the training prompt text.
 
     Sentencepiece (Metaspace) tokenizers are saved with `legacy: true`: transformers 5's default
     (`legacy: false`, Metaspace prepend_scheme "first") gives text right after a special token no
@@ -35,7 +35,7 @@ def write_tokenizer(recipe: Recipe, base: Path, out: Path) -> dict[str, Any]:
     is all the kit ever tokenizes for training, comes out the same either way.
     """
     from qlora_kit.text.templates import chat_messages, render_inference
-    from qlora_kit.text.tokenizer import load_tokenizer
+    from qlora_kit.text.tokenizer import SOURCE_PREFIX, load_tokenizer, source_file
 
     trust = recipe.model.trust_remote_code
     tok = load_tokenizer(base, recipe.template, trust_remote_code=trust)
@@ -57,16 +57,21 @@ def write_tokenizer(recipe: Recipe, base: Path, out: Path) -> dict[str, Any]:
     for extra in ("tokenizer.model",):  # llama.cpp's converter reads the sentencepiece model
         if (base / extra).exists() and not (out / extra).exists():
             shutil.copyfile(base / extra, out / extra)
+    if recipe.template.tokenizer != "auto":  # the source's own files, for the kit's loaders (tokenizer.py)
+        for name in ("tokenizer.json", "tokenizer_config.json", "added_tokens.json"):
+            if source_file(base, name).is_file():
+                shutil.copyfile(source_file(base, name), out / (SOURCE_PREFIX + name))
 
     saved = load_tokenizer(out, recipe.template, trust_remote_code=trust)
     for row in ({"instruction": "Below is 3 + 4?", "input": ""}, {"instruction": "번역하세요", "input": "Good morning"}):
         msg = chat_messages(row)
-        got = saved.hf.apply_chat_template(msg, tokenize=True, add_generation_prompt=True)
-        got = list(got["input_ids"] if hasattr(got, "keys") else got)
-        want = ([tok.bos_id] if recipe.template.add_bos else []) + tok.encode(
-            render_inference(recipe.template, row, bos=tok.bos, eos=tok.eos))
+        # the text, not transformers' ids: the kit's own loader (template.tokenizer) makes the ids,
+        # and quantize checks llama.cpp's ids for this template against it
+        got = saved.hf.apply_chat_template(msg, tokenize=False, add_generation_prompt=True)
+        want = (tok.bos if recipe.template.add_bos else "") + render_inference(recipe.template, row, bos=tok.bos,
+                                                                               eos=tok.eos)
         if got != want:
-            raise MergeError(f"{out}: the chat template tokenizes to {got[:24]}, training would give {want[:24]} "
+            raise MergeError(f"{out}: the chat template renders {got[:120]!r}, training would give {want[:120]!r} "
                              f"(row {row})")
     return {"bos_id": tok.bos_id if recipe.template.add_bos else None, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
             "bos": tok.bos if recipe.template.add_bos else "", "eos": tok.eos, "add_bos": recipe.template.add_bos}
