@@ -49,6 +49,8 @@ def add_cli(sub) -> argparse.ArgumentParser:
     p.add_argument("--merged", action="store_true", help="serve the merged Hugging Face model instead of a GGUF")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free port)")
+    p.add_argument("--ctx", type=int, default=0, metavar="TOKENS",
+                   help="context size: prompt + answer tokens (default: the context the model was trained with)")
     return p
 
 
@@ -100,11 +102,11 @@ class Model:
 
 
 class GgufModel(Model):
-    def __init__(self, recipe: Recipe, tok, name: str, path: Path):
+    def __init__(self, recipe: Recipe, tok, name: str, path: Path, ctx: int = 0):
         super().__init__(recipe, tok, name, path)
         from qlora_kit.gguf.runtime import open_gguf
 
-        self._open = open_gguf(path, n_ctx=max(2048, recipe.preprocess.max_length + 512), seed=0)
+        self._open = open_gguf(path, n_ctx=ctx, seed=0)  # 0: the context the model was trained with
         self.llm = self._open.__enter__()
         self.eos_ids.add(self.llm.token_eos())  # as gguf_generate: the tokenizer's EOS or the GGUF's
         self.n_ctx = self.llm.n_ctx()
@@ -125,7 +127,7 @@ class GgufModel(Model):
 
 
 class MergedModel(Model):
-    def __init__(self, recipe: Recipe, tok, name: str, path: Path):
+    def __init__(self, recipe: Recipe, tok, name: str, path: Path, ctx: int = 0):
         super().__init__(recipe, tok, name, path)
         import torch
         from transformers import AutoModelForCausalLM
@@ -133,7 +135,7 @@ class MergedModel(Model):
         self.model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=torch.float32, trust_remote_code=recipe.model.trust_remote_code,
             use_safetensors=not recipe.model.allow_pickle or None).eval()
-        self.n_ctx = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        self.n_ctx = ctx or int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
 
     def tokens(self, ids: list[int], s: dict[str, Any]) -> Iterator[int]:
         # the same call as scoring/generation.hf_generate; generated whole, then streamed
@@ -335,13 +337,15 @@ def load_model(recipe: Recipe, args: argparse.Namespace) -> Model:
         qtype, path = _recorded_gguf(p.gguf, args.gguf, recipe)
     tok = load_tokenizer(p.merged, recipe.template, trust_remote_code=recipe.model.trust_remote_code)
     if args.merged:
-        return MergedModel(recipe, tok, f"{recipe.name}-merged", p.merged)
-    return GgufModel(recipe, tok, f"{recipe.name}-{qtype}", path)
+        return MergedModel(recipe, tok, f"{recipe.name}-merged", p.merged, args.ctx)
+    return GgufModel(recipe, tok, f"{recipe.name}-{qtype}", path, args.ctx)
 
 
 def run(recipe: Recipe, args: argparse.Namespace) -> int:
     if args.merged and args.gguf:
         raise DataError("serve: --gguf and --merged exclude each other; pick one")
+    if args.ctx < 0:
+        raise DataError(f"--ctx {args.ctx}: a context size is a positive number of tokens (0: the model's own)")
     model = load_model(recipe, args)
     handler = type("BoundHandler", (Handler,), {"model": model})
     try:
