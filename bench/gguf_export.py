@@ -163,7 +163,7 @@ def readme_text(res: dict[str, Any]) -> str:
     sh = mo["shape"]
     return "\n".join([
         f"Measured {res['date']} on {machine_line(tuple(m['load_avg_before']), tuple(m['load_avg_after']))}; "
-        "the machine was shared with other jobs (see the load). One run per step (each minutes of I/O).",
+        "one run per step (each minutes of I/O).",
         "",
         f"Command: `{res['command'].strip()}` (results: `bench/results/gguf_export.json`). Model: random fp16 "
         f"Llama, {sh['layers']} layers, hidden {sh['hidden']}, intermediate {sh['intermediate']}, {sh['heads']} heads / "

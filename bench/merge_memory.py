@@ -161,7 +161,7 @@ def table(model: dict, shape: str, results: dict, command: str, load: tuple[floa
     shard_mib = model["bytes"] / model["shards"] / 2**20
     lines = [
         f"Measured {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {machine()}; "
-        f"load average {load[0]:.1f} before, {load[1]:.1f} after (memory figures do not depend on it, times do).",
+        "memory figures are exact; times are wall clock.",
         "",
         f"Command: `{command}`",
         "",

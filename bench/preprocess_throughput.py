@@ -41,7 +41,8 @@ from typing import Any
 T_START = time.perf_counter()
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
+# the source data folder (its SOURCES.md): QLORA_KIT_TEST_DATA, as the tests read it
+SHARED_DATA = Path(os.environ.get("QLORA_KIT_TEST_DATA") or REPO.parent / "shared" / "data")
 # name: (recipe, file under shared/data, skip_rows)
 DATASETS = {
     "claude_t45": ("alpagasus2", "gpt4life-alpagasus/data/filtered/claude_t45.json", 0),
@@ -162,7 +163,7 @@ def readme_text(res: dict[str, Any]) -> str:
     reps = next(iter(res["results"].values()))["repeats"]
     return "\n".join([
         f"Measured {res['date']} on {machine_line(tuple(m['load_avg_before']), tuple(m['load_avg_after']))}; "
-        "the machine was shared with other jobs (see the load).",
+        "medians of alternating runs.",
         "",
         f"Command: `{res['command'].strip()}` (results: `bench/results/preprocess_throughput.json`). Medians of "
         f"{reps} runs; each cold run is a fresh process. Tokenizers: the kit's tiny ones (no download).",

@@ -63,8 +63,8 @@ def machine_line(load_before: tuple, load_after: tuple) -> str:
         mem = "?"
     gpu = "no GPU" if not cuda_visible() else "CUDA GPU"
     fmt = lambda la: " / ".join(f"{x:.1f}" for x in la)  # noqa: E731
-    return (f"{os.cpu_count()} CPU cores ({cpu}), {mem} RAM, {gpu}; load average (1/5/15 min) "
-            f"{fmt(load_before)} before, {fmt(load_after)} after")
+    del load_before, load_after, fmt  # recorded in bench/results/*.json, not in the table text
+    return f"{os.cpu_count()} CPU cores ({cpu}), {mem} RAM, {gpu}"
 
 
 def cuda_visible() -> bool:

@@ -58,7 +58,8 @@ from qlora_kit.training import collate
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))  # run_all: the README block writer
-SHARED_DATA = REPO.parent / "shared" / "data"
+# the source data folder (its SOURCES.md): QLORA_KIT_TEST_DATA, as the tests read it
+SHARED_DATA = Path(os.environ.get("QLORA_KIT_TEST_DATA") or REPO.parent / "shared" / "data")
 DEFAULT_DATA = SHARED_DATA / "gpt4life-alpagasus" / "data" / "filtered" / "claude_t45.json"
 VARIANTS = ("source_pad_to_cutoff", "kit_dynamic", "kit_padding_free", "kit_grouped")
 SAME_STEPS = ("source_pad_to_cutoff", "kit_dynamic", "kit_padding_free")  # must see identical steps
@@ -277,8 +278,8 @@ def readme_text(res: dict[str, Any]) -> str:
     ok = "yes" if sm.get("same_examples_per_step") else "NO"
     return "\n".join([
         f"Measured {res['date']} on {machine_line(tuple(m['load_avg_before']), tuple(m['load_avg_after']))}. "
-        "The machine was shared with other jobs during the run (see the load); wall-clock figures carry "
-        "that noise, CPU-time figures much less (one torch thread: no spin-waiting is counted).",
+        "Wall-clock figures vary with the machine; CPU-time figures much less (one torch thread: no "
+        "spin-waiting is counted).",
         "",
         f"Command: `{res['command'].strip()}` (results: `bench/results/train_throughput.json`).",
         "",

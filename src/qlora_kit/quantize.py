@@ -195,6 +195,15 @@ def _failures(report: dict[str, Any]) -> str:
     return "; ".join(msgs)
 
 
+def _require_inputs(recipe: Recipe, merged: Path, processed: Path) -> None:
+    if not (merged / "config.json").is_file():
+        raise DataError(f"{merged}: no merged model (config.json missing); run `qlora-kit merge --recipe "
+                        f"{recipe.name}` first")
+    if not (processed / "train.jsonl").is_file():
+        raise DataError(f"{processed}: no processed data for the parity check; run `qlora-kit preprocess "
+                        f"--recipe {recipe.name}` first")
+
+
 def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     from qlora_kit import layout
     from qlora_kit.gguf import converter
@@ -206,12 +215,7 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
     paths = layout.paths(recipe.name)
     st = StageRun("quantize", recipe, overrides)
     merged = paths.merged
-    if not (merged / "config.json").is_file():
-        raise DataError(f"{merged}: no merged model (config.json missing); run `qlora-kit merge --recipe "
-                        f"{recipe.name}` first")
-    if not (paths.processed / "train.jsonl").is_file():
-        raise DataError(f"{paths.processed}: no processed data for the parity check; run `qlora-kit preprocess "
-                        f"--recipe {recipe.name}` first")
+    _require_inputs(recipe, merged, paths.processed)
     types = list(dict.fromkeys(recipe.quantize.types))
     gguf = converter.import_gguf()  # fails early, with `make setup` advice, if not installed
     st.facts["converter"] = converter.source_info()

@@ -363,6 +363,22 @@ CHECKS = {
         "polyglot-koalpaca", "merge_into_4bit", "merge.base", "nf4-roundtrip", "original"),
 }
 
+def _source_kept_unusable_rows(name, ctx):
+    """Faithful: a blank output and a control character are trained on; fixed: dropped, counted."""
+    from support.chartok import CharTok
+    from qlora_kit.text.examples import build
+    from qlora_kit.text.rows import check_row
+
+    rows = [check_row("f.jsonl", i + 1, r, {}) for i, r in enumerate(
+        [ROW, {"instruction": "a", "input": "", "output": "  "}, {"instruction": "b", "input": "", "output": "x\x07"}])]
+    for fixed, dropped in ((False, {}), (True, {"empty_output": 1, "control_character": 1})):
+        r = recipe(name, {"preprocess.val_ratio": 0.0}, source_kept_unusable_rows=fixed)
+        assert dict(build(rows, CharTok(), r.template, r.preprocess)[1].dropped) == dropped
+
+
+for _n in ("llama2-koalpaca", "komt", "alpagasus2"):
+    CHECKS[(_n, "source_kept_unusable_rows")] = _source_kept_unusable_rows
+
 ALL_QUIRKS = [(n, q) for n in REAL for q in recipe(n).quirks]
 
 
@@ -418,6 +434,9 @@ needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/da
 
 REAL_DATA = {
     # id: (recipe, file under shared/data, format, field map, skip_rows, hash key, hash, rows in, dropped by reason)
+    # Faithful recipes keep the blank outputs and control characters their sources trained on
+    # (quirk source_kept_unusable_rows): helpfulness_t45 holds 1 empty output, claude_t45 4,
+    # random_9k 4 and 1 control character, all kept.
     "koalpaca-sample-l2k": ("llama2-koalpaca", "samples/Volume21-github_test__ko_alpaca_data.sample.json", "json",
                             {}, 11, "sha256", "312a37e58aaf1940c2612228605c1f0f171b256811736560f385b6a2547590f4",
                             661, None),
@@ -426,18 +445,17 @@ REAL_DATA = {
                                  "312a37e58aaf1940c2612228605c1f0f171b256811736560f385b6a2547590f4", 661, {}),
     "helpfulness-t45-alpagasus2": ("alpagasus2", "gpt4life-alpagasus/data/filtered/helpfulness_t45.json", "json", {},
                                    0, "git_blob", "8b41a13eb97045dfb7d011c9edd76b60c624a35a", 2022,
-                                   {"empty_output": 1}),
+                                   {}),
     "komt-questions-komt": ("komt", "davidkim205-komt/eval_results/score_result_komt-llama2-7b-v1.jsonl", "jsonl",
                             {"output": "answer"}, 0, "git_blob", "8de645c11cf55e205b2f112417ea80b49a97be9a", 37, {}),
 }
 SLOW_REAL_DATA = {
     "claude-t45-alpagasus2": ("alpagasus2", "gpt4life-alpagasus/data/filtered/claude_t45.json", "json", {}, 0,
-                              "git_blob", "752fc56c077de564ff066c46393172d92280535a", 5305, {"empty_output": 4}),
+                              "git_blob", "752fc56c077de564ff066c46393172d92280535a", 5305, {}),
     "dolly-3k-alpagasus2": ("alpagasus2", "gpt4life-alpagasus/data/filtered/dolly_3k.json", "json", {}, 0,
                             "git_blob", "5d2a1d6f46dc3348e39942bd6ac2d38c3861e1b6", 2996, {}),
     "random-9k-alpagasus2": ("alpagasus2", "gpt4life-alpagasus/data/random/random_9k.json", "json", {}, 0,
-                             "git_blob", "afb581799986a47e2f08a2810483e5c2b710f023", 9229,
-                             {"empty_output": 4, "control_character": 1}),
+                             "git_blob", "afb581799986a47e2f08a2810483e5c2b710f023", 9229, {}),
 }
 
 
@@ -540,7 +558,11 @@ def test_render_strict_bad_row_exits_2_naming_file_and_line(tmp_path, capsys):
 
 def test_render_lenient_bad_row_is_dropped_and_counted(tmp_path, capsys):
     f = _rows_file(tmp_path, [ROW, {"instruction": "empty output", "input": "", "output": " "}, ROW_IN])
+    # faithful (the source trained on it): rendered; with the cleaning quirk fixed: dropped, counted
     assert cli.main(["render", "--recipe", str(RECIPES / "alpagasus2.yaml"), "--input", str(f)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+    assert cli.main(["render", "--recipe", str(RECIPES / "alpagasus2.yaml"), "--input", str(f),
+                     "--set", "quirks.source_kept_unusable_rows.fix=true"]) == 0
     cap = capsys.readouterr()
     assert len(cap.out.splitlines()) == 2
     assert "dropped 1 bad rows" in cap.err and "empty_output" in cap.err

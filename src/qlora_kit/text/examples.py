@@ -1,6 +1,7 @@
 """Rows to training examples: tokenize, mask labels, apply the length policy; read them back.
 
-Pure: the tokenizer is a parameter (anything with encode/bos_id/eos_id/pad_id), no torch.
+Pure: the tokenizer is a parameter (a text.tokenizer.Tok, or anything with its encode/bos_id/eos_id/
+pad_id/bos/eos), no torch.
 """
 from __future__ import annotations
 
@@ -10,24 +11,17 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 from qlora_kit.config import Preprocess, Template
 from qlora_kit.errors import DataError
 from qlora_kit.text.rows import SourceRow, drop_reason, fail
 from qlora_kit.text.templates import render
 
+if TYPE_CHECKING:  # the one tokenizer interface; tests pass stand-ins with the same fields
+    from qlora_kit.text.tokenizer import Tok
+
 
 IGNORE = -100
-
-
-class TokenizerLike(Protocol):
-    bos_id: int | None
-    eos_id: int
-    pad_id: int
-    bos: str
-    eos: str
-
-    def encode(self, text: str) -> list[int]: ...
 
 
 @dataclass
@@ -62,7 +56,7 @@ class Report:
                 "truncated": self.truncated, "tokens": self.tokens}
 
 
-def tokenize_example(rendered_prompt: str, rendered_completion: str, tok: TokenizerLike, tpl: Template,
+def tokenize_example(rendered_prompt: str, rendered_completion: str, tok: Tok, tpl: Template,
                      pp: Preprocess) -> tuple[list[int], list[int], int]:
     """ids, labels and prompt length (in tokens) for one rendered row, before length policy."""
     bos = [tok.bos_id] if (tpl.add_bos and tok.bos_id is not None) else []
@@ -129,9 +123,9 @@ def length_policy(ids: list[int], labels: list[int], pp: Preprocess
     return ids[:keep], labels[:keep], "truncate"
 
 
-def build(rows: list[SourceRow], tok: TokenizerLike, tpl: Template, pp: Preprocess
-          ) -> tuple[dict[str, list[Example]], Report]:
-    rep = Report(rows_in=len(rows))
+def _usable(rows: list[SourceRow], pp: Preprocess, rep: Report) -> list[SourceRow]:
+    """The rows preprocess tokenizes: bad rows refused (strict) or counted (lenient), duplicates
+    counted when `dedupe`, then shuffled when `shuffle_seed` is set."""
     good: list[SourceRow] = []
     seen: set[tuple[str, str, str]] = set()
     for r in rows:
@@ -149,38 +143,48 @@ def build(rows: list[SourceRow], tok: TokenizerLike, tpl: Template, pp: Preproce
         good.append(r)
     if pp.shuffle_seed is not None:
         random.Random(pp.shuffle_seed).shuffle(good)
+    return good
 
+
+def split_items(items: list, pp: Preprocess) -> tuple[list, list]:
+    """(train, val): `val_ratio` of the items, chosen with `split_seed`, order kept in each part."""
+    idx = list(range(len(items)))
+    random.Random(pp.split_seed).shuffle(idx)
+    # ceil, as datasets' train_test_split(test_size=...) sizes the test part (L2K, AG2 split with it)
+    n_val = math.ceil(len(items) * pp.val_ratio - 1e-9) if pp.val_ratio > 0 else 0
+    if pp.val_ratio > 0 and n_val == 0 and len(items) > 1:
+        n_val = 1
+    val_idx = set(idx[:n_val])
+    return [x for i, x in enumerate(items) if i not in val_idx], [x for i, x in enumerate(items) if i in val_idx]
+
+
+def encode_row(r: SourceRow, tok: Tok, tpl: Template, pp: Preprocess, rep: Report) -> Example | str:
+    """One usable row as an Example, or the reason it is dropped (`overlength`, `no_loss_tokens`)."""
     bound = char_bound(tok, pp)
+    if pp.overlength == "drop" and sum(map(len, r.fields.values())) > bound:
+        return "overlength"  # cannot fit: never tokenized
+    rend = render(tpl, r.fields, bos=tok.bos, eos=tok.eos)
+    ids, labels, n_prompt = tokenize_example(rend.prompt[:bound], rend.completion[:bound], tok, tpl, pp)
+    ids, labels, action = length_policy(ids, labels, pp)
+    if action == "drop":
+        return "overlength"
+    if action == "truncate":
+        rep.truncated += 1
+    if pp.clean_rows and all(lab == IGNORE for lab in labels):
+        return "no_loss_tokens"
+    return Example(dict(r.fields), rend.prompt, rend.completion, ids, labels, n_prompt,
+                   f"{Path(r.file).name}:{r.line}")
 
-    def encode(r: SourceRow) -> Example | str:
-        if pp.overlength == "drop" and sum(map(len, r.fields.values())) > bound:
-            return "overlength"  # cannot fit: never tokenized
-        rend = render(tpl, r.fields, bos=tok.bos, eos=tok.eos)
-        ids, labels, n_prompt = tokenize_example(rend.prompt[:bound], rend.completion[:bound], tok, tpl, pp)
-        ids, labels, action = length_policy(ids, labels, pp)
-        if action == "drop":
-            return "overlength"
-        if action == "truncate":
-            rep.truncated += 1
-        if pp.clean_rows and all(lab == IGNORE for lab in labels):
-            return "no_loss_tokens"
-        return Example(dict(r.fields), rend.prompt, rend.completion, ids, labels, n_prompt,
-                       f"{Path(r.file).name}:{r.line}")
 
-    def split(items: list) -> tuple[list, list]:
-        idx = list(range(len(items)))
-        random.Random(pp.split_seed).shuffle(idx)
-        # ceil, as datasets' train_test_split(test_size=...) sizes the test part (L2K, AG2 split with it)
-        n_val = math.ceil(len(items) * pp.val_ratio - 1e-9) if pp.val_ratio > 0 else 0
-        if pp.val_ratio > 0 and n_val == 0 and len(items) > 1:
-            n_val = 1
-        val_idx = set(idx[:n_val])
-        return [x for i, x in enumerate(items) if i not in val_idx], [x for i, x in enumerate(items) if i in val_idx]
+def build(rows: list[SourceRow], tok: Tok, tpl: Template, pp: Preprocess
+          ) -> tuple[dict[str, list[Example]], Report]:
+    rep = Report(rows_in=len(rows))
+    good = _usable(rows, pp, rep)
 
     def encode_all(items: list[SourceRow]) -> list[Example]:
         out = []
         for r in items:
-            ex = encode(r)
+            ex = encode_row(r, tok, tpl, pp, rep)
             if isinstance(ex, str):
                 rep.dropped[ex] += 1
             else:
@@ -188,10 +192,10 @@ def build(rows: list[SourceRow], tok: TokenizerLike, tpl: Template, pp: Preproce
         return out
 
     if pp.filter_after_split:  # llama2-koalpaca: split 99/1 first, then drop long rows per split
-        tr, va = split(good)
+        tr, va = split_items(good, pp)
         parts = {"train": encode_all(tr), "val": encode_all(va)}
     else:
-        tr, va = split(encode_all(good))
+        tr, va = split_items(encode_all(good), pp)
         parts = {"train": tr, "val": va}
     rep.kept = {k: len(v) for k, v in parts.items()}
     rep.tokens = {
