@@ -26,7 +26,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 STAGES := fetch preprocess train merge quantize evaluate
 
-.PHONY: help setup reproduce test test-fast bench gpu-smoke clean $(STAGES)
+.PHONY: help setup reproduce serve test test-fast bench gpu-smoke clean $(STAGES)
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -57,6 +57,9 @@ reproduce: $(STAMP) ## run RECIPE end to end through DVC (default: tiny, offline
 $(STAGES): $(STAMP) ## (each stage) run one stage of RECIPE and what it needs: make train RECIPE=komt
 	$(BIN)/qlora-kit enable $(RECIPE)
 	$(BIN)/dvc repro $@@$(RECIPE)
+
+serve: $(STAMP) ## serve RECIPE's GGUF with an OpenAI-compatible API on 127.0.0.1 (GGUF=q4_k_m PORT=8000)
+	$(BIN)/qlora-kit serve --recipe $(RECIPE) $(if $(GGUF),--gguf $(GGUF)) $(if $(PORT),--port $(PORT))
 
 test: $(STAMP) ## the CI suite: every recipe on a tiny model, on the CPU
 	$(BIN)/python -m pytest -q

@@ -1,9 +1,17 @@
 """Session fixtures: the shipped sample rows and tiny models built once; the gpu marker skips without CUDA."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+from support.repo import SHARED_DATA
+
+# The kit reads the sources' published files only from the local mirror the environment names
+# (never from a folder beside the checkout); the suite points it at the real data when present.
+if SHARED_DATA.is_dir():
+    os.environ.setdefault("QLORA_KIT_SHARED_DATA", str(SHARED_DATA))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -2,6 +2,7 @@
 
     qlora-kit {fetch,preprocess,train,merge,quantize,evaluate} --recipe NAME [--set section.key=value ...]
     qlora-kit render --recipe NAME [--input FILE] [--limit N] [--show-loss]
+    qlora-kit serve --recipe NAME [--gguf TYPE | --merged] [--port N]
 
 Exit codes: 0 ok; 2 bad recipe or bad input (the message names file, line and key; nothing
 is written, because the recipe is validated before any stage starts); 1 anything else.
@@ -16,10 +17,17 @@ import sys
 from qlora_kit.config import STAGE_SECTIONS, RecipeError, load_recipe, parse_overrides
 from qlora_kit.errors import DataError
 from qlora_kit.judge import replay as judge_replay
+from qlora_kit import serve
 
 STAGES = tuple(STAGE_SECTIONS)
 STAGE_OUTPUTS = {"fetch": ("raw", "base"), "preprocess": ("processed",), "train": ("adapter",),
                  "merge": ("merged",), "quantize": ("gguf",), "evaluate": ("reports",)}
+# What a stage reads, and which stage writes it: a stage run before its inputs exist says which
+# one to run first, in one line, instead of failing deep inside a library.
+STAGE_INPUTS = {"preprocess": ("raw",), "train": ("base", "processed"), "merge": ("base", "adapter"),
+                "quantize": ("merged",), "evaluate": ("merged", "gguf")}
+MADE_BY = {"raw": "fetch", "base": "fetch", "processed": "preprocess", "adapter": "train", "merged": "merge",
+           "gguf": "quantize"}
 STAGE_HELP = {
     "fetch": "put the base model and the raw data in place (tiny: build them offline)",
     "preprocess": "render, tokenize, mask labels, split; write the data report",
@@ -50,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--limit", type=int, default=None)
     r.add_argument("--show-loss", action="store_true", help="also tokenize and mark which tokens carry loss")
     r.add_argument("--tokenizer", help="tokenizer folder for --show-loss (default models/NAME/base)")
+    _recipe_args(serve.add_cli(sub))
     judge_replay.add_cli(sub)
     return ap
 
@@ -80,23 +89,35 @@ def _enable(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_inputs(stage: str, name: str, p) -> None:
+    for part in STAGE_INPUTS.get(stage, ()):
+        path = getattr(p, part)
+        if not path.exists():
+            first = MADE_BY[part]
+            raise DataError(f"{path} does not exist yet: run `qlora-kit {first} --recipe {name}` first (or "
+                            f"`make {stage} RECIPE={name}`, which runs every stage {stage} needs)")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ap = build_parser()
     args = ap.parse_args(argv)
     try:
-        if args.command in STAGES or args.command == "render":
+        if args.command in STAGES or args.command in ("render", "serve"):
             overrides = parse_overrides(args.overrides)
             recipe = load_recipe(args.recipe, overrides)  # validated before anything is written
             if args.command == "render":
                 from qlora_kit.text.render import run as render_run
                 return render_run(recipe, args)
+            if args.command == "serve":
+                return serve.run(recipe, args)
             from qlora_kit import artifacts, layout
 
             p = layout.paths(recipe.name)  # a killed run's *.partial-PID folders go first
             artifacts.clear_dead_partials([p.raw.parent, p.base.parent, p.reports])
             for out in STAGE_OUTPUTS.get(args.command, ()):  # symlinked outputs: refused before any work
                 artifacts.check_target(getattr(p, out))
+            _check_inputs(args.command, recipe.name, p)
             module = importlib.import_module(f"qlora_kit.{args.command}")
             module.run(recipe, overrides)
             return 0

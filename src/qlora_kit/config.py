@@ -44,7 +44,7 @@ class Source(_Section):
     repo: str = ""
     commit: str = ""
     files: tuple[str, ...] = ()
-    readme: str = ""  # the seed README in ../shared/seeds this recipe follows
+    readme: str = ""  # the source's README this recipe follows
     notes: str = ""
 
 
@@ -234,8 +234,8 @@ class Quantize(_Section):
 class EvalFile(_Section):
     """A file the evaluate stage reads from a source repository, pinned by commit and hash.
 
-    Never copied into this repo: evaluate reads `../shared/data/<repo with "/" -> "-">/<path>`
-    when present, else `https://raw.githubusercontent.com/<repo>/<commit>/<path>`, and checks
+    Never copied into this repo: evaluate reads `$QLORA_KIT_SHARED_DATA/<repo with "/" -> "-">/<path>`
+    (a local mirror) when present, else `https://raw.githubusercontent.com/<repo>/<commit>/<path>`, and checks
     `sha256` (and `git_blob`) either way.
     """
 

@@ -9,7 +9,7 @@ Measures, on the validation split (completion-only loss, as preprocess labelled 
   in each GGUF: the share that ends with EOS before max_new_tokens, answer lengths, and the share
   that exactly matches the reference answer.
 Against the source (the reproduction report):
-- the source's prompt sets (`eval.prompt_sets`, read from ../shared/data or downloaded at the
+- the source's prompt sets (`eval.prompt_sets`, read from a local mirror or downloaded at the
   pinned commit, sha256-checked; see prompt_sets.py) answered by the merged model with the
   source's generation settings, and judged (komt 0-5 / AlpaGasus pairwise, judge.py) when a judge
   endpoint is configured (QLORA_KIT_JUDGE_BASE_URL / QLORA_KIT_JUDGE_MODEL or eval.judge_*; key
@@ -23,6 +23,8 @@ Against the source (the reproduction report):
 Writes `reports/NAME/metrics.json` (numbers and short status words for `dvc metrics show/diff`),
 `report.md` (with the loss curve as an embedded PNG) and `reports/NAME/evaluate/` (generations,
 prompt-set answers and judgements, lm-eval results, plot, manifest).
+A judged set whose judge failed, or whose judge replies mostly did not parse (judge/live.py,
+MAX_UNPARSED), has status `failed`: the reports are still written, and the stage exits 1.
 """
 from __future__ import annotations
 
@@ -99,7 +101,7 @@ def judge_prompt_sets(sets: list, answers: dict[str, list[dict[str, Any]]], endp
                     table, recs = judge_live.judge_komt_set(client, rows, texts)
                 else:
                     table, recs = judge_live.judge_alpagasus_set(client, rows, texts, (s.baseline or [])[: len(texts)])
-                entry.update(table, status="ok", of_prompts=len(s.rows))
+                entry.update(table, status=judge_live.set_status(table), of_prompts=len(s.rows))
                 records[s.name] = recs
             except judge_client.JudgeError as e:
                 entry["status"] = f"failed: {e}; rerun to resume from {cache_path.name}"
@@ -157,7 +159,7 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
     # Evaluation inputs first, so a prompt file that does not fit the recipe's field mapping stops
     # the stage before any model is loaded. Pinned files are downloaded only when a judge is
     # configured (such a run is online anyway); otherwise the stage stays offline like every stage
-    # after fetch, and a file missing from ../shared/data is reported as unavailable.
+    # after fetch, and a file missing from the local mirror is reported as unavailable.
     endpoint = resolve_endpoint(e.judge_base_url, e.judge_model)
     downloads = paths.reports / "prompt_sets"
     sets = load_prompt_sets(recipe, downloads, endpoint.configured)
@@ -280,7 +282,19 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
                                reference=reference, reference_note=reference_note)
     write_json(paths.reports / "metrics.json", for_dvc(metrics))
     write_atomic(paths.reports / "report.md", report)
+    _raise_on_failed_judge(judge_metrics, paths.reports / "report.md")
     return metrics
+
+
+class EvaluationFailed(RuntimeError):
+    """A judged prompt set failed; the reports are written, the stage exits 1 (cli.py)."""
+
+
+def _raise_on_failed_judge(judge: dict[str, Any], report: Path) -> None:
+    failed = [f"{k}: {v['status'].removeprefix('failed: ')}" for k, v in judge.items()
+              if isinstance(v, dict) and str(v.get("status", "")).startswith("failed")]
+    if failed:
+        raise EvaluationFailed(f"judge failed on {len(failed)} prompt set(s): {'; '.join(failed)} (see {report})")
 
 
 def _quantize_files(gguf: Path) -> dict[str, dict[str, Any]]:

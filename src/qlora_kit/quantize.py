@@ -122,7 +122,7 @@ def tokenization_parity(llm: Any, recipe: Recipe, tok: Any, rows: list[dict[str,
     """
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    from qlora_kit.text.templates import render_inference
+    from qlora_kit.text.templates import chat_messages, render_inference
 
     # built the way Llama() builds its handler for a GGUF's template (token texts from the vocab)
     fmt = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"],
@@ -134,7 +134,7 @@ def tokenization_parity(llm: Any, recipe: Recipe, tok: Any, rows: list[dict[str,
         text = render_inference(recipe.template, r, bos=tok.bos, eos=tok.eos)
         want = bos + tok.encode(text)
         got = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
-        chat = fmt(messages=[{"role": "user", "content": r["instruction"], "input": r.get("input", "")}]).prompt
+        chat = fmt(messages=chat_messages(r)).prompt
         got_chat = llm.tokenize(chat.encode("utf-8"), add_bos=False, special=True)
         for kind, ids in (("prompt", got), ("chat_template", got_chat)):
             if ids != want:

@@ -36,7 +36,9 @@ import pytest
 from qlora_kit import evaluate
 from qlora_kit.config import load_recipe
 from support.pipeline import FAST, clone_outputs, pipeline_root
+from support.repo import terminate
 from qlora_kit.judge import client as judge_client
+from qlora_kit.judge import live as judge_live
 from qlora_kit.judge import prompts as judge_prompts
 
 pytestmark = pytest.mark.slow
@@ -60,6 +62,10 @@ def llama_server(tmp_path_factory, tmp_path):
     log = open(tmp_path / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
                              "--port", str(port), "--n_ctx", "2048", "--seed", "0",
+                             # a judge's chat format, not the GGUF's own template: that one follows the
+                             # kit's chat convention and refuses the AlpaGasus judge's system message
+                             # (the tiny prompt has no system text)
+                             "--chat_format", "chatml",
                              # one thread: on a shared 2-core machine two spinning llama.cpp threads
                              # make a 4M-parameter model take seconds per reply instead of ~1 s
                              "--n_threads", "1", "--n_threads_batch", "1"],
@@ -79,12 +85,7 @@ def llama_server(tmp_path_factory, tmp_path):
                 time.sleep(0.5)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
         log.close()
 
 
@@ -177,9 +178,14 @@ def test_both_judges_against_llama_cpp_server_with_a_retried_failure(llama_serve
                     "pairwise": {"value": {"win": 1, "tie": 1, "lose": 0}, "out_of": 2, "tolerance": {"win": 2},
                                  "metric": "judge.sinstruct-2"}}}
         recipe = load_recipe("tiny", over)
-        m = evaluate.run(recipe, over)
+        try:
+            evaluate.run(recipe, over)
+            failed = ""
+        except evaluate.EvaluationFailed as e:  # a random tiny judge's replies rarely parse
+            failed = str(e)
     finally:
         proxy.close()
+    m = json.loads((root / "reports/tiny/evaluate/manifest.json").read_text())["facts"]["metrics"]
 
     j = m["judge"]
     assert j["configured"] and j["status"].startswith(f"configured: tiny-judge at {proxy.base_url}")
@@ -202,9 +208,13 @@ def test_both_judges_against_llama_cpp_server_with_a_retried_failure(llama_serve
     assert "면역력 향상에 도움이 됩니다." in komt_bodies[3]["messages"][0]["content"]  # a recorded answer
 
     komt = j["komt-3"]
-    assert komt["status"] == "ok" and komt["n"] == 3 and komt["out_of"] == 15 and komt["recorded"]["n"] == 3
+    assert komt["n"] == 3 and komt["out_of"] == 15 and komt["recorded"]["n"] == 3
     pair = j["sinstruct-2"]
-    assert pair["status"] == "ok" and pair["n"] == 2 and pair["win"] + pair["tie"] + pair["lose"] == 2
+    assert pair["n"] == 2 and pair["win"] + pair["tie"] + pair["lose"] == 2
+    # honest status: more than 20 % unparsed replies is "failed" and evaluate raises (exit 1)
+    assert komt["status"] == judge_live.set_status(komt) and pair["status"] == judge_live.set_status(pair)
+    bad = [k for k in ("komt-3", "sinstruct-2") if j[k]["status"] != "ok"]
+    assert bool(failed) == bool(bad) and all(k in failed for k in bad)
     assert 0 <= pair["parse_failures"] <= 4
     reports = root / "reports/tiny"
     items = [json.loads(x) for x in (reports / "evaluate/prompt_sets/komt-3.jsonl").read_text().splitlines()]
@@ -221,6 +231,7 @@ def test_both_judges_against_llama_cpp_server_with_a_retried_failure(llama_serve
     saved = json.loads((reports / "metrics.json").read_text())
     assert saved["judge"]["komt-3"]["sum"] == komt["sum"] and saved["judge"]["sinstruct-2"]["win"] == pair["win"]
     assert saved["judge"]["status"] == "configured"
+    assert saved["judge"]["komt-3"]["status"] == komt["status"].split(":", 1)[0]
     assert saved["expected"]["komt_recorded"]["reproduced"] == komt["recorded"]["sum"]
     assert saved["expected"]["komt_recorded"]["within_tolerance"] is True  # 0..15 is within 15 of 14
     assert saved["expected"]["pairwise"]["reproduced"]["win"] == pair["win"]

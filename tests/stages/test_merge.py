@@ -25,6 +25,7 @@ import yaml
 from support.repo import BIN, kit_env, kit_root
 from qlora_kit import merge
 from qlora_kit.config import load_recipe
+from qlora_kit.text.templates import chat_messages
 from qlora_kit.errors import DataError
 from qlora_kit import errors
 from qlora_kit.weights import lora_merge
@@ -250,7 +251,7 @@ def test_tiny_merged_folder_is_a_complete_hf_model(tmp_path, tiny_llama):
 
     tok = AutoTokenizer.from_pretrained(str(out))
     for row in ({"instruction": "3 더하기 4는?", "input": ""}, {"instruction": "Translate", "input": "안녕"}):
-        msg = [{"role": "user", "content": row["instruction"], "input": row["input"]}]
+        msg = chat_messages(row)  # the chat convention: a second user message is the input
         want = "<s>" + render_inference(recipe.template, row, bos="<s>", eos="</s>")
         assert tok.apply_chat_template(msg, tokenize=False, add_generation_prompt=True) == want
         ids = tok.apply_chat_template(msg, tokenize=True, add_generation_prompt=True)

@@ -32,6 +32,7 @@ from support.repo import BIN, REPO, kit_env, kit_root
 from qlora_kit import merge, quantize
 from qlora_kit.gguf import converter
 from qlora_kit.config import TinyModel, load_recipe
+from qlora_kit.text.templates import chat_messages
 from qlora_kit.errors import DataError
 from support.overrides import TINY_OVERRIDES
 from support.stages import stage_root
@@ -703,7 +704,7 @@ def test_one_prompt_everywhere(name, recipe_ggufs, tmp_path, capsys):
         for row, cli_row in zip(PROMPT_ROWS, rendered):
             prompt = render_inference(recipe.template, row, bos=tok.bos, eos=tok.eos)
             assert cli_row["inference_prompt"] == prompt
-            msg = [{"role": "user", "content": row["instruction"], "input": row["input"]}]
+            msg = chat_messages(row)  # the chat convention: a second user message is the input
             via_hf = hf.apply_chat_template(msg, tokenize=False, add_generation_prompt=True)
             via_gguf = fmt(messages=msg).prompt
             assert via_hf == via_gguf == bos_text + prompt, name

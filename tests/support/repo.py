@@ -42,3 +42,13 @@ def kit_root(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO / "recipes", dest / "recipes", dirs_exist_ok=True)
     return dest
+
+
+def terminate(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """Stop a server a test started: SIGTERM, then SIGKILL after `timeout` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -511,3 +511,23 @@ def test_sigkill_during_preprocess_leaves_no_processed_folder_and_rerun_finishes
     assert rep["rows_in"] == 12000 == rep["kept"] + rep["dropped"]
     n = sum(len((data / f"processed/{s}.jsonl").read_text().splitlines()) for s in ("train", "val"))
     assert n == rep["kept"]
+
+
+# --- a stage run before the stage that makes its input: one line, exit 2 (issue 16) ----------
+
+@pytest.mark.parametrize("stage, missing, first", [("preprocess", "data/tiny/raw", "fetch"),
+                                                   ("train", "models/tiny/base", "fetch"),
+                                                   ("merge", "models/tiny/base", "fetch"),
+                                                   ("quantize", "models/tiny/merged", "merge"),
+                                                   ("evaluate", "models/tiny/merged", "merge")])
+def test_a_stage_before_its_inputs_names_the_stage_to_run_first(stage, missing, first, tmp_path, monkeypatch,
+                                                               capsys):
+    from qlora_kit import cli
+
+    root = kit_root(tmp_path / "kit")
+    monkeypatch.setenv("QLORA_KIT_ROOT", str(root))
+    assert cli.main([stage, "--recipe", "tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err == (f"qlora-kit {stage}: error: {root / missing} does not exist yet: run `qlora-kit {first} "
+                   f"--recipe tiny` first (or `make {stage} RECIPE=tiny`, which runs every stage {stage} needs)")

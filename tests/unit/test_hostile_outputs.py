@@ -198,6 +198,7 @@ def test_cli_turns_disk_full_into_exit_2(root, monkeypatch, capsys):
             raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(pre, "run", full)
+    (root / "data" / "tiny" / "raw").mkdir(parents=True, exist_ok=True)  # the CLI checks a stage's inputs first
     err = one_line_exit(capsys, "preprocess", "--recipe", "tiny")
     assert "disk full while writing" in err
 

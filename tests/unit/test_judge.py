@@ -327,7 +327,7 @@ def test_add_cli_registers_judge_replay():
     parser = argparse.ArgumentParser()
     judge_replay.add_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["judge", "replay", "--style", "komt"])
-    assert args.func is judge_replay._cmd_replay and args.data_dir == judge_replay.DEFAULT_DATA_DIR
+    assert args.func is judge_replay._cmd_replay and args.data_dir is None  # then $QLORA_KIT_SHARED_DATA
     with pytest.raises(SystemExit):
         parser.parse_args(["judge", "replay", "--style", "mtbench"])
 
@@ -571,3 +571,36 @@ def test_no_key_no_authorization_header(stub, tmp_path):
     client = JudgeClient(stub.base_url, "m", api_key_env=KEY_ENV, require_api_key=False, environ={})
     assert client.complete(komt_messages("q", "GOOD"), temperature=0.0, max_tokens=8, top_p=1.0).startswith("Score: 5")
     assert "Authorization" not in stub.requests[0]["headers"]
+
+
+# --- honest status: a set whose judge replies mostly do not parse has failed ---------------------
+
+def test_a_set_with_more_than_a_fifth_unparsed_replies_is_failed():
+    from qlora_kit.judge.live import MAX_UNPARSED, set_status
+
+    assert MAX_UNPARSED == 0.2
+    # the run: 37 answers, every reply unparsed, a score of 0/185 -> never "ok"
+    assert set_status({"n": 37, "sum": 0, "unparsed": 37}).startswith("failed: 37 of 37 judge replies did not parse")
+    assert set_status({"n": 10, "unparsed": 2}) == "ok"  # exactly 20 %
+    assert set_status({"n": 10, "unparsed": 2, "recorded": {"n": 10, "unparsed": 3}}).startswith("failed: 5 of 20")
+    assert set_status({"n": 5, "win": 1, "tie": 4, "lose": 0, "parse_failures": 2}) == "ok"  # 2 of 10 orders
+    assert set_status({"n": 5, "win": 0, "tie": 5, "lose": 0, "parse_failures": 3}).startswith("failed: 3 of 10")
+
+
+def test_evaluate_raises_after_writing_when_a_judged_set_failed(tmp_path):
+    from qlora_kit import evaluate
+
+    evaluate._raise_on_failed_judge({"status": "configured", "a": {"status": "ok"}}, tmp_path / "report.md")
+    with pytest.raises(evaluate.EvaluationFailed, match=r"judge failed on 1 prompt set\(s\): komt-37: 37 of 37"):
+        evaluate._raise_on_failed_judge({"komt-37": {"status": "failed: 37 of 37 judge replies did not parse"},
+                                         "b": {"status": "off: not configured"}}, tmp_path / "report.md")
+
+
+def test_replay_reads_the_mirror_the_environment_names_and_says_so_without_one(monkeypatch, capsys):
+    monkeypatch.setenv("QLORA_KIT_SHARED_DATA", str(FIXTURE_DATA))
+    assert judge_replay.main(["replay", "--style", "komt"]) == 0
+    capsys.readouterr()
+    monkeypatch.delenv("QLORA_KIT_SHARED_DATA")
+    assert judge_replay.main(["replay", "--style", "alpagasus"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "set QLORA_KIT_SHARED_DATA to that folder or pass --data-dir" in err

@@ -43,7 +43,7 @@ def go_template(recipe: Recipe, bos: str, eos: str) -> tuple[str, str | None, li
                      "so send it without surrounding whitespace")
     if with_input is not None:
         notes.append("the Alpaca `input` has no slot in Ollama's prompt: this is the no-input form (the HF "
-                     "chat template and the GGUF's embedded template take an `input` key on the message)")
+                     "chat template and the GGUF's embedded template take it as a second user message)")
     system = tpl.system if uses_system else None
     for what, text in (("TEMPLATE", body), ("SYSTEM", system or "")):
         if '"""' in text:

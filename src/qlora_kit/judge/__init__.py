@@ -31,7 +31,7 @@ in both orders. Their tables go to metrics.json (``judge.<prompt set>.*``) and r
 
 Run the replay (prints a markdown table, or JSON with ``--json``)::
 
-    qlora-kit judge replay --style alpagasus --data-dir ../shared/data
-    qlora-kit judge replay --style komt --json
+    qlora-kit judge replay --style alpagasus --data-dir MIRROR   # the sources' files, <repo>/<path>
+    qlora-kit judge replay --style komt --json                  # MIRROR = $QLORA_KIT_SHARED_DATA
     python -m qlora_kit.judge replay --style komt        # same, without the main CLI
 """

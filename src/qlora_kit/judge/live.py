@@ -6,6 +6,23 @@ from qlora_kit.judge.prompts import ALPAGASUS_GENERATION, DEFAULT_KOMT_JUDGE_PRO
 from qlora_kit.judge.client import JudgeClient
 from qlora_kit.judge.parse import KomtJudgment, KomtRow, PairJudgment, pair_points, summarise_komt, tally_alpagasus
 
+# A judged set with more than this share of judge replies that do not parse is `failed`: its score
+# would measure the judge's reply format, not the model (an unparsed komt reply counts 0).
+MAX_UNPARSED = 0.2
+
+
+def set_status(table: Mapping[str, Any]) -> str:
+    """"ok", or "failed: ..." when more than MAX_UNPARSED of the set's judge replies did not parse."""
+    if "parse_failures" in table:  # AlpaGasus: two replies per item, one per order
+        bad, total = table["parse_failures"], 2 * table["n"]
+    else:  # komt: one reply per answer, the recorded answers' too
+        rec = table.get("recorded") or {}
+        bad, total = table["unparsed"] + rec.get("unparsed", 0), table["n"] + rec.get("n", 0)
+    if total and bad / total > MAX_UNPARSED:
+        return (f"failed: {bad} of {total} judge replies did not parse (more than {MAX_UNPARSED:.0%}), so the "
+                "score measures the judge's reply format, not the model; use a judge that follows the prompt")
+    return "ok"
+
 
 def judge_komt(
     client: JudgeClient,

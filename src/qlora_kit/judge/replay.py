@@ -12,11 +12,16 @@ from typing import Any, Mapping, Sequence
 from qlora_kit.judge.parse import KomtJudgment, PairJudgment, summarise_komt, tally_alpagasus
 
 
-# ../shared/data relative to the repo root (src/qlora_kit/judge.py -> parents[2] is the root).
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+# The local mirror of the sources' files (`<repo with "/" -> "-">/<path>`), the same folder the
+# evaluate stage reads prompt sets from (sources/prompt_sets.py); --data-dir names another.
+MIRROR_ENV = "QLORA_KIT_SHARED_DATA"
 
 
-# Where the recorded judge outputs sit inside the shared data dir (see shared/data/SOURCES.md).
+def default_data_dir() -> Path | None:
+    return Path(os.environ[MIRROR_ENV]) if os.environ.get(MIRROR_ENV) else None
+
+
+# Where the recorded judge outputs sit inside the mirror folder.
 ALPAGASUS2_SCORE_DIR = Path(
     "gauss5930-AlpaGasus2-QLoRA/evaluation/AlpaGasus-Evaluation/evaluation_score"
 )
@@ -74,7 +79,7 @@ def alpagasus_score_path(data_dir: Path, key_1: str, key_2: str, test_set: str) 
 
 
 def replay_alpagasus(
-    data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR,
+    data_dir: str | os.PathLike[str],
     *,
     model_key: str = "alpagasus2",
     baseline_key: str = "alpaca2",
@@ -160,7 +165,7 @@ def _load_komt_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def replay_komt(data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR) -> dict[str, Any]:
+def replay_komt(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Per-model komt table from the recorded `eval_results/score_result_<model>.jsonl`.
 
     Every row's `chatgpt` text is parsed with our komt parser and summed with summarise_komt;
@@ -223,12 +228,17 @@ def komt_markdown(result: Mapping[str, Any]) -> str:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
+    data_dir = args.data_dir or default_data_dir()
+    if data_dir is None:
+        print(f"error: judge replay reads the sources' recorded judge files from a local mirror: set {MIRROR_ENV} "
+              "to that folder or pass --data-dir (docs/use-the-outputs.md)", file=sys.stderr)
+        return 2
     try:
         if args.style == "alpagasus":
-            result = replay_alpagasus(args.data_dir)
+            result = replay_alpagasus(data_dir)
             text = alpagasus_markdown(result)
         else:
-            result = replay_komt(args.data_dir)
+            result = replay_komt(data_dir)
             text = komt_markdown(result)
     except ReplayInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -255,8 +265,8 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     replay.add_argument(
         "--data-dir",
         type=Path,
-        default=DEFAULT_DATA_DIR,
-        help=f"the shared data dir (default: {DEFAULT_DATA_DIR})",
+        default=None,
+        help=f"the folder holding the sources' files as <repo with / -> ->/<path> (default: ${MIRROR_ENV})",
     )
     replay.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     replay.set_defaults(func=_cmd_replay)

@@ -121,14 +121,15 @@ def _judge_section(m: dict[str, Any]) -> list[str]:
               f"{j.get('cache_hits', 0)} answered from `judge_cache.jsonl`.", ""]
     komt = [(k, v) for k, v in j.items() if isinstance(v, dict) and v.get("style") == "komt"]
     pair = [(k, v) for k, v in j.items() if isinstance(v, dict) and v.get("style") == "alpagasus"]
-    if any(v.get("status") == "ok" for _, v in komt):
+    # a set judged to the end has its table, also when it failed on unparsed replies (status says so)
+    if any("n" in v for _, v in komt):
         L += ["komt judge (0-5 per answer; score = sum, average = sum/N, percentage = sum/(5N); an unparseable "
               "judge output counts 0, as in the source's files). The judge prompt is the kit's own (komt never "
               "published its prompt).", "",
               "| prompt set | answers | N | score | average | percentage | unparsed (counted 0) |",
               "|---|---|---:|---:|---:|---:|---:|"]
         for k, v in komt:
-            if v.get("status") != "ok":
+            if "n" not in v:
                 continue
             for label, t in (("this run (merged model)", v),
                              ("recorded answers in the prompt file", v.get("recorded"))):
@@ -136,13 +137,13 @@ def _judge_section(m: dict[str, Any]) -> list[str]:
                     L.append(f"| {k} | {label} | {t['n']} | {t['sum']} / {t['out_of']} | {t['average']:.2f} | "
                              f"{t['percentage']:.2f} % | {t['unparsed']} |")
         L.append("")
-    if any(v.get("status") == "ok" for _, v in pair):
+    if any("n" in v for _, v in pair):
         L += ["AlpaGasus pairwise judge (this run vs the recorded baseline answers, judged in both orders; "
               "+1 per order the model scores higher, -1 lower: total >= 1 win, 0 tie, <= -1 lose; "
               "evaluation.py's prompt and parser).", "",
               "| prompt set | N | win | tie | lose | parse failures (of 2N) |", "|---|---:|---:|---:|---:|---:|"]
         for k, v in pair:
-            if v.get("status") == "ok":
+            if "n" in v:
                 L.append(f"| {k} | {v['n']} | {v['win']} | {v['tie']} | {v['lose']} | {v['parse_failures']} |")
         L.append("")
     for k, v in komt + pair:

@@ -6,9 +6,8 @@
 An `EvalFile` (config.py) names a file of a public source repository, pinned by commit and
 sha256. It is never copied into this repository. `locate` finds a verified copy, in this order:
 
-1. the shared data folder, `<shared>/<repo with "/" -> "-">/<path>`, where `<shared>` is
-   `$QLORA_KIT_SHARED_DATA` if set, else `../shared/data` beside the checkout (or beside the
-   package's own repository);
+1. a local mirror folder, `<mirror>/<repo with "/" -> "-">/<path>`, where `<mirror>` is
+   `$QLORA_KIT_SHARED_DATA` when it is set (nothing outside the checkout is looked at otherwise);
 2. an earlier download in the evaluate stage's cache folder (`reports/NAME/prompt_sets/`);
 3. a download of `https://raw.githubusercontent.com/<repo>/<commit>/<path>` with
    `download.download_url` (retries, no partial files) into that cache, when the caller allows it.
@@ -31,7 +30,6 @@ from typing import Any
 
 from qlora_kit.artifacts import git_blob_id, sha256_file
 from qlora_kit.config import EvalFile, PromptSet
-from qlora_kit.layout import REPO_ROOT, root
 from qlora_kit.errors import DataError
 
 SHARED_DATA_ENV = "QLORA_KIT_SHARED_DATA"
@@ -44,16 +42,9 @@ class Unavailable(Exception):
 
 
 def shared_data_dirs() -> list[Path]:
-    """Where shared copies may sit, in the order they are tried (existing folders only)."""
-    candidates = []
-    if os.environ.get(SHARED_DATA_ENV):
-        candidates.append(Path(os.environ[SHARED_DATA_ENV]))
-    candidates += [root().parent / "shared" / "data", REPO_ROOT.parent / "shared" / "data"]
-    out: list[Path] = []
-    for c in candidates:
-        if c.is_dir() and c.resolve() not in [o.resolve() for o in out]:
-            out.append(c)
-    return out
+    """The local mirror folder ($QLORA_KIT_SHARED_DATA) when it is set and exists, else []."""
+    mirror = os.environ.get(SHARED_DATA_ENV)
+    return [Path(mirror)] if mirror and Path(mirror).is_dir() else []
 
 
 def relative_path(f: EvalFile) -> PurePosixPath:
@@ -100,7 +91,7 @@ def locate(f: EvalFile, cache_dir: Path | None, *, allow_download: bool) -> tupl
             tried.append(f"{cached}: {bad} (removed)")
     url = raw_url(f)
     if not allow_download or cache_dir is None:
-        where = ", ".join(str(d) for d in shared_data_dirs()) or f"../shared/data (absent; or set {SHARED_DATA_ENV})"
+        where = ", ".join(str(d) for d in shared_data_dirs()) or f"no local mirror (set {SHARED_DATA_ENV})"
         why = f"not found under {where}" + (f"; {'; '.join(tried)}" if tried else "")
         raise Unavailable(f"{why}; download of {url} not attempted (downloads happen only when a judge is configured)")
     from qlora_kit.sources.download import FetchError, download_url

@@ -66,7 +66,7 @@ def render(tpl: Template, row: dict[str, str], *, bos: str = "", eos: str = "") 
     return Rendered(_fill(tpl, prompt_t, vals), _fill(tpl, tpl.completion, vals))
 
 
-def _inference_forms(tpl: Template) -> tuple[str, str | None]:
+def inference_forms(tpl: Template) -> tuple[str, str | None]:
     """(prompt without input, prompt with input or None) of the inference form.
 
     A recipe that sets `inference_prompt` but no `inference_prompt_with_input` drops the input
@@ -80,15 +80,24 @@ def _inference_forms(tpl: Template) -> tuple[str, str | None]:
 def render_inference(tpl: Template, row: dict[str, str], *, bos: str = "", eos: str = "") -> str:
     """The prompt the source used at inference time."""
     vals = _values(tpl, row, bos, eos)
-    plain, with_input = _inference_forms(tpl)
+    plain, with_input = inference_forms(tpl)
     return _fill(tpl, with_input if (vals["input"] and with_input is not None) else plain, vals)
+
+
+def chat_messages(row: dict[str, str]) -> list[dict[str, str]]:
+    """The standard chat messages for one row (the convention of text/chat.py, which reads them
+    back): what the merge and quantize stages render through their chat templates and check."""
+    msgs = [{"role": "user", "content": row["instruction"]}]
+    return msgs + [{"role": "user", "content": row["input"]}] if row.get("input") else msgs
 
 
 def chat_template(tpl: Template, *, bos: str, eos: str) -> str:
     """A Jinja chat template that renders the recipe's inference prompt for one user turn.
 
-    The user message carries the instruction; an optional `input` key on the message carries
-    the Alpaca input. Used in tokenizer_config.json and the GGUF metadata.
+    The chat convention of text/chat.py: the first user message carries the instruction, an
+    optional second user message the Alpaca input; a leading system message replaces
+    `template.system` where the prompt has {system} and is refused (raise_exception) elsewhere.
+    Used in tokenizer_config.json and the GGUF metadata.
     """
     def jinja_literal(s: str) -> str:
         return s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
@@ -99,7 +108,7 @@ def chat_template(tpl: Template, *, bos: str, eos: str) -> str:
             if m.start() > pos:
                 out.append("{{ '" + jinja_literal(t[pos:m.start()]) + "' }}")
             name = m.group(1)
-            expr = {"instruction": "instruction", "input": "input", "system": "'" + jinja_literal(tpl.system) + "'",
+            expr = {"instruction": "instruction", "input": "input", "system": "system",
                     "bos": "'" + jinja_literal(bos) + "'", "eos": "'" + jinja_literal(eos) + "'",
                     "output": "''"}[name]
             out.append("{{ " + expr + " }}")
@@ -120,11 +129,17 @@ def chat_template(tpl: Template, *, bos: str, eos: str) -> str:
         return piece(t)
 
     method = {"both": ".strip()", "left": ".lstrip()", "right": ".rstrip()", "right_joined": ".rstrip()"}
-    ins = "messages[-1]['content']" + method.get(tpl.strip.get("instruction", ""), "")
-    inp = "(messages[-1]['input'] if messages[-1]['input'] is defined else '')" + method.get(
-        tpl.strip.get("input", ""), "")
-    plain, with_input = _inference_forms(tpl)
-    body = "{% set instruction = " + ins + " %}{% set input = " + inp + " %}"
+    plain, with_input = inference_forms(tpl)
+    # the chat convention (text/chat.py): [system] user [user] = [system text] instruction [input]
+    body = "{% set first = 1 if messages[0]['role'] == 'system' else 0 %}"
+    if any(f is not None and "{system}" in f for f in (plain, with_input)):
+        body += ("{% set system = messages[0]['content'] if first else '" + jinja_literal(tpl.system) + "' %}")
+    else:
+        body += ("{% if first %}{{ raise_exception('this model has no system prompt; leave the system "
+                 "message out') }}{% endif %}")
+    body += ("{% set instruction = messages[first]['content']" + method.get(tpl.strip.get("instruction", ""), "")
+             + " %}{% set input = (messages[first + 1]['content'] if messages|length > first + 1 else '')"
+             + method.get(tpl.strip.get("input", ""), "") + " %}")
     if with_input is not None:
         body += "{% if input %}" + joined(with_input) + "{% else %}" + joined(plain) + "{% endif %}"
     else:

@@ -34,7 +34,7 @@ def write_tokenizer(recipe: Recipe, base: Path, out: Path) -> dict[str, Any]:
     the 2023 sources and llama.cpp all put the "▁" there). Text with no special token inside, which
     is all the kit ever tokenizes for training, comes out the same either way.
     """
-    from qlora_kit.text.templates import render_inference
+    from qlora_kit.text.templates import chat_messages, render_inference
     from qlora_kit.text.tokenizer import SOURCE_PREFIX, load_tokenizer, source_file
 
     trust = recipe.model.trust_remote_code
@@ -64,7 +64,7 @@ def write_tokenizer(recipe: Recipe, base: Path, out: Path) -> dict[str, Any]:
 
     saved = load_tokenizer(out, recipe.template, trust_remote_code=trust)
     for row in ({"instruction": "Below is 3 + 4?", "input": ""}, {"instruction": "번역하세요", "input": "Good morning"}):
-        msg = [{"role": "user", "content": row["instruction"], "input": row["input"]}]
+        msg = chat_messages(row)
         # the text, not transformers' ids: the kit's own loader (template.tokenizer) makes the ids,
         # and quantize checks llama.cpp's ids for this template against it
         got = saved.hf.apply_chat_template(msg, tokenize=False, add_generation_prompt=True)

@@ -69,10 +69,11 @@ def model_card(recipe: Recipe, ids: dict[str, Any], parity: dict[str, Any], adap
     prompt = render_inference(tpl, example, bos=ids["bos"], eos=ids["eos"])
     L += ["## Prompt format", "",
           "The tokenizer's chat template renders exactly the recipe's inference prompt (the one the source "
-          "prompted with; `qlora-kit render --recipe " + recipe.name + "` shows it per row). One user message; its "
-          "`content` is the instruction and an optional `input` key carries the Alpaca input:", "",
+          "prompted with; `qlora-kit render --recipe " + recipe.name + "` shows it per row). The first user message "
+          "is the instruction, an optional second user message the Alpaca input (only `role` and `content`, as "
+          "every OpenAI client sends them):", "",
           "```python",
-          'tok.apply_chat_template([{"role": "user", "content": "...", "input": ""}], tokenize=False)',
+          'tok.apply_chat_template([{"role": "user", "content": "..."}], tokenize=False)',
           "```", "", "renders (BOS " + (f"`{ids['bos']}` first, as text" if ids["add_bos"] else "none") + "):", "",
           "```", (ids["bos"] if ids["add_bos"] else "") + prompt, "```", "",
           f"EOS: `{ids['eos']}` (id {ids['eos_id']}); pad id {ids['pad_id']}"
