@@ -70,7 +70,8 @@ def tokenize_example(rendered_prompt: str, rendered_completion: str, tok: Tok, t
     if pp.mask_pad_in_labels:
         # DataCollatorForLanguageModeling sets labels[ids == pad] = -100; with pad == eos this
         # also masks the real EOS (llama2-koalpaca's quirk)
-        labels = [IGNORE if i == tok.pad_id else lab for i, lab in zip(ids, labels)]
+        pad = tok.pad_id
+        labels = [IGNORE if i == pad else lab for i, lab in zip(ids, labels)]
     return ids, labels, n_prompt
 
 
