@@ -59,3 +59,19 @@ def test_dvc_deps_cover_each_stage_import_closure():
         need = {module_file(m).relative_to(REPO).as_posix() for m in closure(f"qlora_kit.{st}")}
         missing = sorted(p for p in need if p not in deps and not any(p.startswith(d.rstrip("/") + "/") for d in deps))
         assert not missing, f"dvc.yaml stage {st} misses code it runs: {missing}"
+
+
+def test_product_text_never_points_outside_the_repository():
+    """src/, recipes/ and README.md stand alone: no path into the folder the kit was developed beside
+    (the tests reach source data through QLORA_KIT_TEST_DATA / QLORA_KIT_SHARED_DATA only)."""
+    import re
+
+    files = [*(REPO / "src").rglob("*.py"), *(REPO / "src").rglob("*.md"), *(REPO / "recipes").rglob("*"),
+             REPO / "README.md"]
+    bad = []
+    for f in files:
+        if f.is_file() and "egg-info" not in str(f):
+            for n, line in enumerate(f.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+                if re.search(r"\.\./shared|source-facts", line):
+                    bad.append(f"{f.relative_to(REPO)}:{n}: {line.strip()[:80]}")
+    assert not bad, "\n".join(bad)

@@ -114,7 +114,7 @@ def alpagasus_question(row: Mapping[str, Any], test_set: str) -> str:
 
     evaluation.py:L91-107: koala uses `prompt`, vicuna `text`, sinstruct `instruction`, and for
     Self-Instruct "{instruction} Input: {input}" when the single instance has a non-empty input
-    (the generation step dropped that input, but the judge sees it; source-facts #21).
+    (the generation step dropped that input, but the judge sees it).
     """
     if test_set == "koala":
         return row["prompt"]
