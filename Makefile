@@ -49,14 +49,13 @@ endif
 
 setup: $(STAMP) ## create .venv from requirements.lock (idempotent)
 
+# `enable NAME -- CMD`: NAME joins params.yaml's recipes; if CMD fails, that is undone
 reproduce: $(STAMP) ## run RECIPE end to end through DVC (default: tiny, offline, CPU)
-	$(BIN)/qlora-kit enable $(RECIPE)
-	$(BIN)/dvc repro evaluate@$(RECIPE)
+	$(BIN)/qlora-kit enable $(RECIPE) -- $(BIN)/dvc repro evaluate@$(RECIPE)
 	@echo "report: reports/$(RECIPE)/report.md"
 
 $(STAGES): $(STAMP) ## (each stage) run one stage of RECIPE and what it needs: make train RECIPE=komt
-	$(BIN)/qlora-kit enable $(RECIPE)
-	$(BIN)/dvc repro $@@$(RECIPE)
+	$(BIN)/qlora-kit enable $(RECIPE) -- $(BIN)/dvc repro $@@$(RECIPE)
 
 test: $(STAMP) ## the CI suite: every recipe on a tiny model, on the CPU
 	$(BIN)/python -m pytest -q
