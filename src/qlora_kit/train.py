@@ -202,10 +202,7 @@ def peft_model(recipe: Recipe, base: Path, device: str):
     elif recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    model = get_peft_model(model, lora_config(recipe))
-    # the adapter config names the recipe's model, not this checkout's folder: same run, same bytes
-    model.peft_config["default"].base_model_name_or_path = recipe.model.name
-    return model
+    return get_peft_model(model, lora_config(recipe))
 
 
 def training_args(recipe: Recipe, ckpt_dir: Path, derived: dict[str, Any], dist: dict[str, Any], has_val: bool):
@@ -232,19 +229,27 @@ def training_args(recipe: Recipe, ckpt_dir: Path, derived: dict[str, Any], dist:
     )
 
 
-def normalize_adapter_config(path: Path) -> None:
-    """peft writes `target_modules` in set order ("all-linear" resolves to a set), which changes
-    from process to process; sorted, with sorted keys, the same run writes the same bytes."""
+def normalize_adapter(folder: Path, base: Path, model_name: str) -> None:
+    """Same run, same bytes. peft writes `target_modules` in set order ("all-linear" resolves to a
+    set), which changes from process to process: sorted, with sorted keys. It also names the base
+    by this checkout's folder (adapter_config.json, README.md): named by the recipe's model instead.
+    (Set before training, the name would send peft to the Hub for a config at each checkpoint.)"""
     from qlora_kit.artifacts import write_atomic
 
+    path = folder / "adapter_config.json"
     cfg = json.loads(path.read_text(encoding="utf-8"))
     for key in ("target_modules", "modules_to_save", "exclude_modules"):
         if isinstance(cfg.get(key), list):
             cfg[key] = sorted(cfg[key])
+    if cfg.get("base_model_name_or_path") == str(base):
+        cfg["base_model_name_or_path"] = model_name
     write_atomic(path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    card = folder / "README.md"
+    if card.is_file():
+        write_atomic(card, card.read_text(encoding="utf-8").replace(str(base), model_name))
 
 
-def save_adapter(trainer, model, ckpt_dir: Path, adapter: Path, rank: int, st) -> None:
+def save_adapter(trainer, model, ckpt_dir: Path, paths, rank: int, st) -> None:
     """Write models/NAME/adapter (rank 0): the PEFT adapter, normalized, and its manifest."""
     import shutil
 
@@ -260,7 +265,7 @@ def save_adapter(trainer, model, ckpt_dir: Path, adapter: Path, rank: int, st) -
         trainer.save_model(str(staged))
     if rank != 0:
         return
-    with atomic_dir(adapter) as tmp:
+    with atomic_dir(paths.adapter) as tmp:
         if sharded:
             for f in staged.iterdir():
                 if f.is_file() and f.name != "training_args.bin":
@@ -268,7 +273,7 @@ def save_adapter(trainer, model, ckpt_dir: Path, adapter: Path, rank: int, st) -
             shutil.rmtree(staged)
         else:  # DDP / one process: rank 0's model holds the whole (replicated) adapter
             model.save_pretrained(str(tmp))
-        normalize_adapter_config(tmp / "adapter_config.json")
+        normalize_adapter(tmp, paths.base, st.recipe.model.name)
         st.facts["files"] = hash_tree(tmp, full=True)  # merge checks the adapter against these before reading it
         write_json(tmp / "manifest.json", st.manifest())
 
@@ -348,7 +353,7 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
                                         "train_loss": mean_logged_loss(logged),
                                         "logged_steps": len(logged), "max_steps_actual": trainer.state.max_steps})
     st.volatile.update(resumed_from=Path(last).name if last else None, note=note)
-    save_adapter(trainer, model, ckpt_dir, paths.adapter, rank, st)
+    save_adapter(trainer, model, ckpt_dir, paths, rank, st)
     if rank == 0:
         st.write_run_report(paths.reports)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
