@@ -74,7 +74,7 @@ def test_report_shows_learning_and_eos_rates(tiny_repo):
     m = json.loads((tiny_repo / "reports/tiny/metrics.json").read_text())
     assert m["loss"]["after"] < 0.75 * m["loss"]["before"], m
     assert m["eos"]["hf"] > 0.5, m  # the trained model learned to stop (untrained: ~0)
-    assert m["steps"] == 294 and set(m["kl"]) == set(m["top1"]) == {"f16", "q8_0", "q4_k_m"}
+    assert m["steps"] == 294 and set(m["kl"]) == {"f16", "q8_0", "q4_k_m"} and m["eos"]["gguf"] > 0.5
     d = json.loads((tiny_repo / "reports/tiny/details.json").read_text())
     for q in d["gguf"].values():
         assert "eos_rate" in q and q["val_loss"] < d["val_loss_before"]

@@ -283,9 +283,8 @@ def test_dvc_metrics_show_and_diff_across_two_runs(tmp_path_factory, monkeypatch
     # metrics.json: the numbers-only headline
     assert headline == {"steps": 3, "loss": {"before": round(second["val_loss_before"], 6),
                                              "after": round(second["val_loss_after"], 6)},
-                        "eos": {"hf": second["hf"]["eos_rate"], "f16": second["gguf"]["f16"]["eos_rate"]},
-                        "kl": {"f16": round(second["gguf"]["f16"]["parity_mean_kl"], 6)},
-                        "top1": {"f16": second["gguf"]["f16"]["parity_top1_agreement"]}}
+                        "eos": {"hf": second["hf"]["eos_rate"], "gguf": second["gguf"]["f16"]["eos_rate"]},
+                        "kl": {"f16": round(second["gguf"]["f16"]["parity_mean_kl"], 6)}}
     report = (root / "reports/tiny/report.md").read_text()
     for text in ("EOS before max_new_tokens", "data:image/png;base64,", "## Source reported vs reproduced",
                  "judge: off: the recipe has no judged prompt sets", "Status: off: the recipe lists no benchmarks",
@@ -294,7 +293,7 @@ def test_dvc_metrics_show_and_diff_across_two_runs(tmp_path_factory, monkeypatch
 
     show = _dvc(root, "metrics", "show")
     header = show.splitlines()[0].split()
-    assert set(header) == {"Path", "eos.f16", "eos.hf", "kl.f16", "loss.after", "loss.before", "steps", "top1.f16"}, show
+    assert set(header) == {"Path", "eos.gguf", "eos.hf", "kl.f16", "loss.after", "loss.before", "steps"}, show
     shown = json.loads(_dvc(root, "metrics", "show", "--json"))
     assert shown[""]["data"]["reports/tiny/metrics.json"]["data"] == headline
 
