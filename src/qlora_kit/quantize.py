@@ -190,10 +190,23 @@ def _failures(report: dict[str, Any]) -> str:
     return "; ".join(msgs)
 
 
+def finish_folder(recipe: Recipe, out: Path, types: list[str], tok, st) -> None:
+    """An Ollama Modelfile per GGUF; the f16 intermediate recorded and removed unless shipped."""
+    from qlora_kit.artifacts import sha256_file
+
+    for qtype in types:
+        (out / f"model-{qtype}.Modelfile").write_text(
+            modelfile(recipe, f"model-{qtype}.gguf", recipe.template.add_bos, tok.bos, tok.eos), encoding="utf-8")
+    f16 = out / "model-f16.gguf"
+    if "f16" not in types:  # intermediate only: recorded, not shipped
+        st.facts["intermediate"] = {"file": f16.name, "size_bytes": f16.stat().st_size, "sha256": sha256_file(f16)}
+        f16.unlink()
+
+
 def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     from qlora_kit import layout
     from qlora_kit.gguf import converter
-    from qlora_kit.artifacts import StageRun, atomic_dir, sha256_file, write_json
+    from qlora_kit.artifacts import StageRun, atomic_dir, write_json
     from qlora_kit.text.examples import parity_rows
     from qlora_kit.text.tokenizer import load_tokenizer
 
@@ -251,14 +264,7 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
         if not report["passed"]:
             raise QuantizeError(f"GGUF parity failed: {_failures(report)} (see {paths.reports / 'gguf_parity.json'})")
 
-        for qtype in types:
-            name = f"model-{qtype}.gguf"
-            (out / f"model-{qtype}.Modelfile").write_text(
-                modelfile(recipe, name, recipe.template.add_bos, tok.bos, tok.eos), encoding="utf-8")
-        if "f16" not in types:  # intermediate only: recorded, not shipped
-            st.facts["intermediate"] = {"file": f16.name, "size_bytes": f16.stat().st_size,
-                                        "sha256": sha256_file(f16)}
-            f16.unlink()
+        finish_folder(recipe, out, types, tok, st)
         st.facts["files"] = files
         st.facts["parity"] = {t: {k: r[k] for k in ("mean_kl", "top1_agreement", "ppl", "passed")}
                               for t, r in report["types"].items()}

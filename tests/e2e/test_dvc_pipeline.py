@@ -82,6 +82,29 @@ def test_report_shows_learning_and_eos_rates(tiny_repo):
     assert "EOS before max_new_tokens" in report and "data:image/png;base64," in report
 
 
+# README "DVC views": the committed baseline (reports/tiny/metrics.json) holds when a fresh run
+# is within these of it (absolute; the step count exactly). Two fresh clones on one machine
+# gave the same numbers; other CPUs may order float sums differently.
+BASELINE_TOLERANCE = {"steps": 0, "loss": 0.01, "eos": 0.05, "kl": 0.005}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+@pytest.mark.slow
+def test_a_fresh_run_reproduces_the_committed_baseline(tiny_repo):
+    base = _flat(json.loads(subprocess.run(["git", "show", "HEAD:reports/tiny/metrics.json"], cwd=tiny_repo,
+                                           check=True, capture_output=True, text=True).stdout))
+    got = _flat(json.loads((tiny_repo / "reports/tiny/metrics.json").read_text()))
+    assert got.keys() == base.keys()
+    for key, want in base.items():
+        assert abs(got[key] - want) <= BASELINE_TOLERANCE[key.split(".")[0]], (key, got[key], want)
+
+
 def _numbers(d: dict) -> list:
     return [x for v in d.values() for x in (_numbers(v) if isinstance(v, dict) else [v])]
 
