@@ -168,9 +168,12 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
         st.lap("parity")
         (tmp / "README.md").write_text(model_card(recipe, ids, par, adapter, base_facts, train_facts),
                                        encoding="utf-8")
+        # free memory when the parity check ran is a fact of the machine, not of the inputs
+        st.volatile["available_bytes"] = par["logits"].get("available_bytes")
+        logits = {k: v for k, v in par["logits"].items() if k != "available_bytes"}
         st.facts.update(merge={"method": mg.method, "base": mg.base, "dtype": mg.dtype, "adapter": adapter.summary(),
                                **{k: v for k, v in weights.items() if k != "module_checks"}},
-                        parity={k: v for k, v in par.items() if k != "modules"} | {
+                        parity={k: v for k, v in par.items() if k != "modules"} | {"logits": logits} | {
                             "modules": {k: v for k, v in par["modules"].items() if k != "detail"}},
                         special_ids=ids, generation_config=gen)
         write_json(tmp / "manifest.json", st.manifest())
