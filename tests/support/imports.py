@@ -78,3 +78,6 @@ def stage_code(stage: str) -> set[str]:
     command (cli) and of the stage module."""
     mods = closure("qlora_kit.cli") | closure(f"qlora_kit.{stage}")
     return {module_file(m).relative_to(REPO).as_posix() for m in mods}
+
+
+DATA_DEPS = {"fetch": ["src/qlora_kit/tiny/assets"]}  # files a stage reads that are not Python
