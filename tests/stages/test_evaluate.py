@@ -258,7 +258,8 @@ def _commit(root: Path, message: str) -> None:
     files = [f"reports/tiny/{n}" for n in ("metrics.json", "data_report.json", "merge_parity.json")]
     env = kit_env(root, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
                   GIT_COMMITTER_EMAIL="t@t")
-    for cmd in (["git", "add", "-f", *files], ["git", "commit", "-qm", message]):
+    # --allow-empty: a headline that did not change between two runs is a commit with no change
+    for cmd in (["git", "add", "-f", *files], ["git", "commit", "--allow-empty", "-qm", message]):
         subprocess.run(cmd, cwd=root, check=True, env=env, capture_output=True)
 
 
