@@ -49,14 +49,13 @@ endif
 
 setup: $(STAMP) ## create .venv from requirements.lock (idempotent)
 
+# `enable NAME -- CMD`: NAME joins params.yaml's recipes; if CMD fails, that is undone
 reproduce: $(STAMP) ## run RECIPE end to end through DVC (default: tiny, offline, CPU)
-	$(BIN)/qlora-kit enable $(RECIPE)
-	$(BIN)/dvc repro evaluate@$(RECIPE)
+	$(BIN)/qlora-kit enable $(RECIPE) -- $(BIN)/dvc repro evaluate@$(RECIPE)
 	@echo "report: reports/$(RECIPE)/report.md"
 
 $(STAGES): $(STAMP) ## (each stage) run one stage of RECIPE and what it needs: make train RECIPE=komt
-	$(BIN)/qlora-kit enable $(RECIPE)
-	$(BIN)/dvc repro $@@$(RECIPE)
+	$(BIN)/qlora-kit enable $(RECIPE) -- $(BIN)/dvc repro $@@$(RECIPE)
 
 serve: $(STAMP) ## serve RECIPE's GGUF with an OpenAI-compatible API on 127.0.0.1 (GGUF=q4_k_m PORT=8000)
 	$(BIN)/qlora-kit serve --recipe $(RECIPE) $(if $(GGUF),--gguf $(GGUF)) $(if $(PORT),--port $(PORT))

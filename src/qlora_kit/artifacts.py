@@ -3,7 +3,10 @@
 A stage builds its output in a temporary sibling (`<name>.partial-<pid>`) and renames it into
 place only when complete, so an interrupted stage never leaves something that looks finished.
 `manifest.json` records the resolved config sections the stage read, input hashes, package
-versions and timings. It never records environment variables (tokens live there).
+versions and the torch thread count: all functions of the inputs, so an identical rerun writes
+identical bytes and DVC reruns nothing downstream. Timings, host and other volatile facts go to
+`reports/NAME/STAGE_run.json` (`StageRun.write_run_report`), which no stage depends on. Neither
+records environment variables (tokens live there).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from qlora_kit.config import Recipe
+from qlora_kit.config import Recipe, RecipeError
 from qlora_kit.errors import IntegrityError, OutputError
 
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "trl", "accelerate", "datasets",
@@ -193,8 +196,28 @@ def write_json(path: Path, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
 
 
+THREADS_ENV = "QLORA_KIT_THREADS"
+DEFAULT_THREADS = 1  # README "Threads": on a small CPU one thread is the reproducible default
+
+
+def torch_threads() -> int:
+    """The torch thread count for train, merge and evaluate: QLORA_KIT_THREADS, else 1.
+
+    The count changes float reduction order, so results (the tiny run's loss included) depend on
+    it: it is recorded in each manifest and is part of the train run key."""
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_THREADS
+    if not raw.isdigit() or int(raw) < 1:
+        raise RecipeError(f"{THREADS_ENV}={raw!r}: expected a whole number of threads, 1 or more")
+    return int(raw)
+
+
 class StageRun:
-    """Collects what a stage's manifest records; `manifest()` returns the dict to write."""
+    """Collects what a stage's manifest records; `manifest()` returns the dict to write.
+
+    `facts` go into the manifest (deterministic: a function of the inputs); `volatile` facts,
+    timings and the host go to the run report (`write_run_report`)."""
 
     def __init__(self, stage: str, recipe: Recipe, overrides: dict[str, Any] | None = None):
         self.stage, self.recipe = stage, recipe
@@ -203,6 +226,7 @@ class StageRun:
         self.timings: dict[str, float] = {}
         self.inputs: dict[str, Any] = {}
         self.facts: dict[str, Any] = {}
+        self.volatile: dict[str, Any] = {}
         self._t = time.perf_counter()
 
     def lap(self, name: str) -> None:
@@ -213,6 +237,15 @@ class StageRun:
     def add_input(self, label: str, path: Path) -> None:
         self.inputs[label] = hash_tree(Path(path))
 
+    def use_threads(self) -> int:
+        """Set torch's thread count from `torch_threads()` and record it."""
+        import torch
+
+        n = torch_threads()
+        torch.set_num_threads(n)
+        self.facts["threads"] = n
+        return n
+
     def manifest(self) -> dict[str, Any]:
         return {
             "stage": self.stage,
@@ -222,12 +255,22 @@ class StageRun:
             "inputs": self.inputs,
             "facts": self.facts,
             "packages": package_versions(),
-            "host": {"platform": platform.platform(), "machine": platform.machine(),
-                     "cpus": os.cpu_count(), "argv0": Path(sys.argv[0]).name},
-            "timings_s": {**self.timings, "total": round(time.time() - self.started, 3)},
         }
 
+    def run_report(self) -> dict[str, Any]:
+        cpu_s = sum(os.times()[:4])
+        return {"stage": self.stage, "recipe": self.recipe.name, "threads": self.facts.get("threads"),
+                **self.volatile,
+                "host": {"platform": platform.platform(), "machine": platform.machine(),
+                         "node": platform.node(), "cpus": os.cpu_count(), "argv0": Path(sys.argv[0]).name},
+                "timings_s": {**self.timings, "total": round(time.time() - self.started, 3)},
+                "cpu_s": round(cpu_s, 2)}
 
+    def write_run_report(self, reports: Path) -> Path:
+        """reports/NAME/STAGE_run.json: what this run took and where it ran (dvc: cache: false)."""
+        path = Path(reports) / f"{self.stage}_run.json"
+        write_json(path, self.run_report())
+        return path
 
 
 KEY_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "trl", "accelerate", "datasets",

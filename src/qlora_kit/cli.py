@@ -3,6 +3,8 @@
     qlora-kit {fetch,preprocess,train,merge,quantize,evaluate} --recipe NAME [--set section.key=value ...]
     qlora-kit render --recipe NAME [--input FILE] [--limit N] [--show-loss]
     qlora-kit serve --recipe NAME [--gguf TYPE | --merged] [--port N]
+    qlora-kit enable NAME [-- COMMAND ...]   (add NAME to params.yaml; with a command, e.g.
+        `dvc repro evaluate@NAME`, the addition is undone when the command fails)
 
 Exit codes: 0 ok; 2 bad recipe or bad input (the message names file, line and key; nothing
 is written, because the recipe is validated before any stage starts); 1 anything else.
@@ -51,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         _recipe_args(sub.add_parser(stage, help=STAGE_HELP[stage], description=STAGE_HELP[stage]))
     en = sub.add_parser("enable", help="validate a recipe and add it to params.yaml's recipe list (for dvc)")
     en.add_argument("recipe")
+    en.add_argument("then", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                    help="run COMMAND after enabling; if it fails, params.yaml is put back as it was")
     en.set_defaults(func=_enable)
     r = sub.add_parser("render", help="print prompt/completion/text of each row as JSON lines")
     _recipe_args(r)
@@ -64,10 +68,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _enable(args: argparse.Namespace) -> int:
-    """Add a recipe to params.yaml so dvc.yaml's foreach covers it (after strict validation)."""
+    """Add a recipe to params.yaml so dvc.yaml's foreach covers it (after strict validation),
+    then run `args.then` if given; a failed command (say, fetch offline) undoes the addition, so
+    params.yaml lists only recipes that ran."""
+    from qlora_kit.layout import root
+
+    params = root() / "params.yaml"
+    before = params.read_text(encoding="utf-8")
+    _add_recipe(args, params)
+    then = args.then[1:] if args.then[:1] == ["--"] else args.then
+    if not then:
+        return 0
+    import subprocess
+
+    rc = subprocess.call(then)
+    if rc != 0 and params.read_text(encoding="utf-8") != before:
+        params.write_text(before, encoding="utf-8")
+        print(f"qlora-kit: `{' '.join(then)}` failed (exit {rc}): removed {args.recipe} from {params.name} again",
+              file=sys.stderr)
+    return rc
+
+
+def _add_recipe(args: argparse.Namespace, params) -> None:
     from qlora_kit.config import recipe_path, recipes_dir
     from qlora_kit.config_checks import check_name, load_yaml
-    from qlora_kit.layout import root
 
     # dvc.yaml runs `qlora-kit STAGE --recipe NAME` for each listed name: only a plain name from recipes/
     name = check_name(args.recipe.rpartition("/")[2].removesuffix(".yaml").removesuffix(".yml"), "enable")
@@ -75,7 +99,6 @@ def _enable(args: argparse.Namespace) -> int:
         raise RecipeError(f"enable: {args.recipe}: only recipes in {recipes_dir()} can be enabled (copy it there)")
     args.recipe = name
     load_recipe(name)
-    params = root() / "params.yaml"
     text = params.read_text(encoding="utf-8")
     names = (load_yaml(text, str(params))[0] or {}).get("recipes") or []
     if args.recipe not in names:
@@ -86,7 +109,6 @@ def _enable(args: argparse.Namespace) -> int:
         lines.insert(at + 1, f"- {args.recipe}")
         params.write_text("\n".join(lines) + "\n", encoding="utf-8")
         print(f"qlora-kit: added {args.recipe} to {params.name} (recipes: {names + [args.recipe]})")
-    return 0
 
 
 def _check_inputs(stage: str, name: str, p) -> None:

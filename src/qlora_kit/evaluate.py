@@ -20,9 +20,10 @@ Against the source (the reproduction report):
 - GGUF parity from the quantize stage (`reports/NAME/gguf_parity.json`, when present), the
   source's own training curve (`eval.reference_curve`) under ours, and an environment
   fingerprint (every installed package, platform, device).
-Writes `reports/NAME/metrics.json` (numbers and short status words for `dvc metrics show/diff`),
-`report.md` (with the loss curve as an embedded PNG) and `reports/NAME/evaluate/` (generations,
-prompt-set answers and judgements, lm-eval results, plot, manifest).
+Writes `reports/NAME/metrics.json` (the numbers-only headline for `dvc metrics show/diff`),
+`details.json` (every number and short status word), `report.md` (with the loss curve as an
+embedded PNG) and `reports/NAME/evaluate/` (generations, prompt-set answers and judgements,
+lm-eval results, plot, manifest). Torch and llama.cpp use QLORA_KIT_THREADS threads (default 1).
 A judged set whose judge failed, or whose judge replies mostly did not parse (judge/live.py,
 MAX_UNPARSED), has status `failed`: the reports are still written, and the stage exits 1.
 """
@@ -36,7 +37,7 @@ from typing import Any
 from qlora_kit.config import Recipe
 from qlora_kit.scoring.expected import compare_expected
 from qlora_kit.artifacts import environment
-from qlora_kit.scoring.report import for_dvc, plot_loss, read_reference_curve, render_report
+from qlora_kit.scoring.report import for_dvc, headline, plot_loss, read_reference_curve, render_report
 from qlora_kit.scoring.logprobs import gguf_completion_loss, hf_completion_loss
 from qlora_kit.scoring.generation import gguf_generate, hf_generate, prompt_ids, summarize
 from qlora_kit.judge import client as judge_client
@@ -152,6 +153,7 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
     q_files = _quantize_files(paths.gguf)
     verify_recorded(paths.gguf, {i["file"]: i["sha256"] for i in q_files.values()}, "quantize", recipe.name)
     st = StageRun("evaluate", recipe, overrides)
+    threads = st.use_threads()
     for label in ("processed", "merged", "gguf"):
         st.add_input(label, getattr(paths, label))
     torch.manual_seed(0)
@@ -229,7 +231,7 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
     for f in sorted(paths.gguf.glob("model-*.gguf")):
         qtype = f.stem.removeprefix("model-")
         n_ctx = max([512] + [len(r["input_ids"]) + e.max_new_tokens + 8 for r in val])
-        with open_gguf(f, n_ctx=n_ctx, logits_all=True, seed=0) as llm:
+        with open_gguf(f, n_ctx=n_ctx, logits_all=True, seed=0, n_threads=threads) as llm:
             loss = gguf_completion_loss(llm, val)
             gens[f"gguf-{qtype}"] = gguf_generate(llm, tok, recipe, prompts)
         metrics["gguf"][qtype] = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)),
@@ -248,6 +250,7 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
     metrics["prompt_sets"] = set_metrics
     metrics["judge"] = judge_metrics
     train_manifest = json.loads((paths.adapter / "manifest.json").read_text())
+    train_manifest["facts"]["resumed_from"] = _resumed_from(paths.reports / "train_run.json")
     fin = train_manifest["facts"].get("final", {})
     metrics["train"] = {k: fin[k] for k in ("global_step", "train_loss") if k in fin}
     env = environment()
@@ -280,8 +283,10 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
                                (tmp / "loss_curve.png") if has_plot else None,
                                sets=sets, set_answers=set_answers, judge_records=judge_records, env=env,
                                reference=reference, reference_note=reference_note)
-    write_json(paths.reports / "metrics.json", for_dvc(metrics))
+    write_json(paths.reports / "details.json", for_dvc(metrics))
+    write_json(paths.reports / "metrics.json", headline(metrics))
     write_atomic(paths.reports / "report.md", report)
+    st.write_run_report(paths.reports)
     _raise_on_failed_judge(judge_metrics, paths.reports / "report.md")
     return metrics
 
@@ -295,6 +300,14 @@ def _raise_on_failed_judge(judge: dict[str, Any], report: Path) -> None:
               if isinstance(v, dict) and str(v.get("status", "")).startswith("failed")]
     if failed:
         raise EvaluationFailed(f"judge failed on {len(failed)} prompt set(s): {'; '.join(failed)} (see {report})")
+
+
+def _resumed_from(run_report: Path) -> str | None:
+    """The checkpoint the train run resumed from, from its run report (a volatile fact)."""
+    try:
+        return json.loads(run_report.read_text(encoding="utf-8")).get("resumed_from")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _quantize_files(gguf: Path) -> dict[str, dict[str, Any]]:

@@ -77,4 +77,5 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
         st.facts.update(files=files, model=model_facts)
         write_json(raw_tmp / "manifest.json", st.manifest())
         write_json(base_tmp / "fetch_manifest.json", st.manifest())
+    st.write_run_report(paths.reports)
     return st.facts

@@ -95,6 +95,33 @@ def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
+def parity_report(recipe: Recipe, paths, merged: Path, rows: list, split: str, checks: list) -> dict[str, Any]:
+    """Logit parity (merged vs base + adapter) and per-module parity against peft; written to
+    reports/NAME/merge_parity.json; raises MergeParityError when either is over its threshold."""
+    from qlora_kit.artifacts import write_json
+
+    mg = recipe.merge
+    worst = max((c["max_abs_diff"] / max(c["max_abs_delta"], 1e-12) for c in checks), default=0.0)
+    par: dict[str, Any] = {
+        "method": mg.method, "base": mg.base, "dtype": mg.dtype, "threshold": mg.max_rel_error,
+        "logits": logit_parity(recipe, paths.base, paths.adapter, merged, rows),
+        "modules": {"checked": len(checks), "against": "peft LoRA layer get_delta_weight",
+                    "max_rel_diff": worst, "detail": checks},
+    }
+    lg = par["logits"]
+    # top-level numbers as evaluate's report reads them
+    par.update({k: lg.get(k) for k in ("max_rel_error", "mean_rel_error", "top1_agreement")},
+               rows=lg.get("rows", 0), split=split)
+    par["passed"] = (not lg["checked"] or lg["max_rel_error"] <= mg.max_rel_error) and worst <= 1e-5
+    write_json(paths.reports / "merge_parity.json", par)
+    if not par["passed"]:
+        why = (f"max relative logit error {lg['max_rel_error']:.3g} > merge.max_rel_error {mg.max_rel_error}"
+               if lg["checked"] and lg["max_rel_error"] > mg.max_rel_error else
+               f"our LoRA update differs from peft's by {worst:.3g} (relative)")
+        raise MergeParityError(f"merge parity failed: {why} (see {paths.reports / 'merge_parity.json'})")
+    return par
+
+
 def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     import torch
 
@@ -106,6 +133,7 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
     paths = layout.paths(recipe.name)
     mg = recipe.merge
     st = StageRun("merge", recipe, overrides)
+    st.use_threads()
     model_safety.check(paths.base, recipe.model)  # shardwise reads the base without from_pretrained
     if not (paths.adapter / "adapter_config.json").is_file():
         raise DataError(f"{paths.adapter}: no adapter; run `qlora-kit train --recipe {recipe.name}` first")
@@ -129,42 +157,29 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
             weights = merge_shardwise(recipe, paths.base, adapter, tmp)
         else:
             weights = merge_peft(recipe, paths.base, paths.adapter, tmp)
-        weights["peak_rss_mib_after_weights"] = peak_rss_mib()
+        st.volatile["peak_rss_mib_after_weights"] = peak_rss_mib()
         st.lap("merge_weights")
         write_config(recipe, paths.base, tmp)
         ids = write_tokenizer(recipe, paths.base, tmp)
         gen = write_generation_config(tmp, ids)
         st.lap("folder")
 
-        checks = weights.get("module_checks", [])
-        worst = max((c["max_abs_diff"] / max(c["max_abs_delta"], 1e-12) for c in checks), default=0.0)
-        par: dict[str, Any] = {
-            "method": mg.method, "base": mg.base, "dtype": mg.dtype, "threshold": mg.max_rel_error,
-            "logits": logit_parity(recipe, paths.base, paths.adapter, tmp, rows),
-            "modules": {"checked": len(checks), "against": "peft LoRA layer get_delta_weight",
-                        "max_rel_diff": worst, "detail": checks},
-        }
-        lg = par["logits"]
-        # top-level numbers as evaluate's report reads them
-        par.update({k: lg.get(k) for k in ("max_rel_error", "mean_rel_error", "top1_agreement")},
-                   rows=lg.get("rows", 0), split=split)
-        par["passed"] = (not lg["checked"] or lg["max_rel_error"] <= mg.max_rel_error) and worst <= 1e-5
+        par = parity_report(recipe, paths, tmp, rows, split, weights.get("module_checks", []))
         st.lap("parity")
-        write_json(paths.reports / "merge_parity.json", par)
-        if not par["passed"]:
-            why = (f"max relative logit error {lg['max_rel_error']:.3g} > merge.max_rel_error {mg.max_rel_error}"
-                   if lg["checked"] and lg["max_rel_error"] > mg.max_rel_error else
-                   f"our LoRA update differs from peft's by {worst:.3g} (relative)")
-            raise MergeParityError(f"merge parity failed: {why} (see {paths.reports / 'merge_parity.json'})")
         (tmp / "README.md").write_text(model_card(recipe, ids, par, adapter, base_facts, train_facts),
                                        encoding="utf-8")
+        # free memory when the parity check ran is a fact of the machine, not of the inputs
+        st.volatile["available_bytes"] = par["logits"].get("available_bytes")
+        logits = {k: v for k, v in par["logits"].items() if k != "available_bytes"}
         st.facts.update(merge={"method": mg.method, "base": mg.base, "dtype": mg.dtype, "adapter": adapter.summary(),
                                **{k: v for k, v in weights.items() if k != "module_checks"}},
-                        parity={k: v for k, v in par.items() if k != "modules"} | {
+                        parity={k: v for k, v in par.items() if k != "modules"} | {"logits": logits} | {
                             "modules": {k: v for k, v in par["modules"].items() if k != "detail"}},
-                        special_ids=ids, generation_config=gen, peak_rss_mib=peak_rss_mib())
+                        special_ids=ids, generation_config=gen)
         write_json(tmp / "manifest.json", st.manifest())
     st.lap("save")
+    st.volatile["peak_rss_mib"] = peak_rss_mib()
+    st.write_run_report(paths.reports)
     return st.facts
 
 

@@ -43,6 +43,7 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
         st.facts.update(report=report, special_ids={"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id})
         write_json(tmp / "manifest.json", st.manifest())
     write_json(paths.reports / "data_report.json", report)
+    st.write_run_report(paths.reports)
     return report
 
 

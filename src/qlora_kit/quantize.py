@@ -218,7 +218,10 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
     _require_inputs(recipe, merged, paths.processed)
     types = list(dict.fromkeys(recipe.quantize.types))
     gguf = converter.import_gguf()  # fails early, with `make setup` advice, if not installed
-    st.facts["converter"] = converter.source_info()
+    # installed_at says when `make setup` ran, not what made these files: the run report keeps it
+    source = converter.source_info()
+    st.volatile["converter_installed_at"] = source.pop("installed_at", None)
+    st.facts["converter"] = source
     st.add_input("merged", merged)
     st.add_input("processed", paths.processed)
     template = merged_chat_template(merged)
@@ -232,6 +235,7 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
         f16 = out / "model-f16.gguf"
         # --model-name: general.name says which recipe made the file, not "merged"
         conv = converter.convert(merged, f16, outtype="f16", model_name=recipe.name)
+        st.volatile["convert_seconds"] = conv.pop("seconds", None)
         st.facts["convert"] = conv
         # the converter shims (converter.py) that fired for this model, by name
         st.facts["shims"] = {k: conv[k] for k in ("hparams_patches", "pre_tokenizer_registration") if k in conv}
@@ -260,6 +264,7 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
             raise QuantizeError(f"GGUF parity failed: {_failures(report)} (see {paths.reports / 'gguf_parity.json'})")
 
         _finish(recipe, st, out, types, files, report, tok)
+    st.write_run_report(paths.reports)
     return st.facts
 
 

@@ -3,10 +3,13 @@
     qlora-kit train --recipe tiny          (dvc: train@tiny)
 
 Reads `data/NAME/processed` and `models/NAME/base`; writes `models/NAME/adapter` (PEFT adapter +
-manifest) and `reports/NAME/train_log.csv` (one row per logged step: loss, lr, grad norm,
-tokens/s; a DVC plot). Checkpoints go to `models/NAME/checkpoints/<run key>/` (kept by DVC via
-`persist`), keyed by a hash of everything that shapes the run, so a rerun after an interruption
-resumes and a changed config never resumes someone else's optimizer state.
+manifest, the same bytes for the same inputs), `reports/NAME/train_log.csv` (one row per logged
+step: loss, lr, grad norm, tokens/s) and `eval_log.csv` (one row per evaluation), two DVC plots,
+and `reports/NAME/train_run.json` (timings, host, what was resumed). Checkpoints go to
+`models/NAME/checkpoints/<run key>/` (kept by DVC via `persist`), keyed by a hash of everything
+that shapes the run (the torch thread count included: QLORA_KIT_THREADS, default 1), so a rerun
+after an interruption resumes, a changed config never resumes someone else's optimizer state,
+and a finished run is never resumed: its rerun trains from scratch (training/checkpoints.py).
 
 Before step 0 the stage logs and records the numbers it derived: effective batch, steps per
 epoch, total steps, warmup steps, trainable parameters, tokens per step.
@@ -38,7 +41,8 @@ from typing import Any
 
 from qlora_kit.config import Recipe
 from qlora_kit.training.collate import Collator, PaddingFreeCollator, check_padding_free
-from qlora_kit.training.checkpoints import csv_logger, last_complete_checkpoint, run_key
+from qlora_kit.training.checkpoints import (csv_logger, log_last_step, mean_logged_loss, resume_point, run_key,
+                                            write_logs)
 from qlora_kit.training.launch import relaunch, fsdp_enabled, rank_batch
 
 
@@ -168,89 +172,51 @@ def lora_config(recipe: Recipe):
                       task_type="CAUSAL_LM")
 
 
-def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    # QLORA_KIT_GPUS=N (N > 1) / QLORA_KIT_ACCELERATE_CONFIG: re-run this command under a launcher,
-    # unless this process is already one of a launched group (RANK is set by torchrun/accelerate)
-    nproc = int(os.environ.get("QLORA_KIT_GPUS") or "1")
-    accel_cfg = os.environ.get("QLORA_KIT_ACCELERATE_CONFIG") or None
-    if (nproc > 1 or accel_cfg) and "RANK" not in os.environ:
-        return relaunch(recipe, overrides, nproc, accel_cfg)
-
-    import torch
-    from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import Trainer, TrainingArguments, set_seed
-
-    from qlora_kit import layout
-    from qlora_kit.artifacts import StageRun, atomic_dir, hash_tree, write_json
-    from qlora_kit.text.examples import read_split
-    from qlora_kit.text.tokenizer import load_tokenizer
-
-    paths = layout.paths(recipe.name)
-    st = StageRun("train", recipe, overrides)
-    t = recipe.train
-    device = resolve_device(t.device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+def distributed_facts(t, world: int) -> dict[str, Any]:
     per_device, grad_accum = rank_batch(t.per_device_batch, t.grad_accum, world)  # before any loading
-    st.facts["distributed"] = {"world_size": world, "fsdp": fsdp_enabled(),
-                               "deepspeed": os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true",
-                               "per_device_batch": per_device, "grad_accum": grad_accum,
-                               "global_batch": per_device * grad_accum * world,
-                               "rule": "recipe per_device_batch x grad_accum is the global batch; "
-                                       "grad_accum (else per_device_batch) divided by the world size"}
-    precision, prec_note = effective_precision(t.precision, device)
-    optim, optim_note = effective_optimizer(t.optimizer, device)
-    st.facts["fallbacks"] = [n for n in (prec_note, optim_note) if n]
+    return {"world_size": world, "fsdp": fsdp_enabled(),
+            "deepspeed": os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true",
+            "per_device_batch": per_device, "grad_accum": grad_accum,
+            "global_batch": per_device * grad_accum * world,
+            "rule": "recipe per_device_batch x grad_accum is the global batch; "
+                    "grad_accum (else per_device_batch) divided by the world size"}
 
-    set_seed(t.seed)
-    tok = load_tokenizer(paths.base, recipe.template, trust_remote_code=recipe.model.trust_remote_code)
-    train_rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_split(paths.processed, "train")]
-    val_rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_split(paths.processed, "val")]
-    data_hash = hashlib.sha256(json.dumps(hash_tree(paths.processed), sort_keys=True).encode()).hexdigest()
-    st.add_input("processed", paths.processed)
-    st.add_input("base", paths.base)
 
-    model = load_base(recipe, paths.base, device)
+def read_rows(processed: Path) -> tuple[list[dict], list[dict], str]:
+    """(train rows, val rows, sha256 of the processed folder's file hashes)."""
+    from qlora_kit.artifacts import hash_tree
+    from qlora_kit.text.examples import read_split
+
+    train_rows, val_rows = ([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_split(processed, s)]
+                            for s in ("train", "val"))
+    data_hash = hashlib.sha256(json.dumps(hash_tree(processed), sort_keys=True).encode()).hexdigest()
+    return train_rows, val_rows, data_hash
+
+
+def peft_model(recipe: Recipe, base: Path, device: str):
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    model = load_base(recipe, base, device)
     if recipe.qlora.bits in (4, 8):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
-    elif t.gradient_checkpointing:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+    elif recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    model = get_peft_model(model, lora_config(recipe))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total_params = sum(p.numel() for p in model.parameters())
-    mean_tokens = sum(len(r["input_ids"]) for r in train_rows) / max(len(train_rows), 1)
-    derived = derived_numbers(len(train_rows), recipe, world, mean_tokens)
-    derived.update(trainable_params=trainable, total_params=total_params,
-                   trainable_pct=round(100 * trainable / total_params, 4), device=device,
-                   precision=precision, optimizer=optim)
-    st.facts["derived"] = derived
-    if rank == 0:
-        print("train: derived before step 0: " + json.dumps(derived), flush=True)
-        for note in st.facts["fallbacks"]:
-            print(f"train: fallback: {note}", flush=True)
+    return get_peft_model(model, lora_config(recipe))
 
-    if t.packing:
-        derived["padding_free_check_rel_diff"] = check_padding_free(model, train_rows)
-        if rank == 0:
-            print("train: packing: padding-free rows, packed logits == separate logits "
-                  f"(max diff {derived['padding_free_check_rel_diff']:.2g} of the spread)", flush=True)
 
-    key = run_key(recipe, data_hash, world)
-    ckpt_dir = paths.checkpoints / key
-    paths.checkpoints.mkdir(parents=True, exist_ok=True)  # a DVC out (persist) even with no checkpoints
-    last = last_complete_checkpoint(ckpt_dir)
-    log_csv = paths.reports / "train_log.csv"
-    if last is None and rank == 0 and log_csv.exists():
-        log_csv.unlink()  # a fresh run starts a fresh curve; a resumed one appends
-    args = TrainingArguments(
-        output_dir=str(ckpt_dir), per_device_train_batch_size=per_device,
-        per_device_eval_batch_size=per_device, gradient_accumulation_steps=grad_accum,
+def training_args(recipe: Recipe, ckpt_dir: Path, derived: dict[str, Any], dist: dict[str, Any], has_val: bool):
+    from transformers import TrainingArguments
+
+    t, device, precision, world = recipe.train, derived["device"], derived["precision"], dist["world_size"]
+    return TrainingArguments(
+        output_dir=str(ckpt_dir), per_device_train_batch_size=dist["per_device_batch"],
+        per_device_eval_batch_size=dist["per_device_batch"], gradient_accumulation_steps=dist["grad_accum"],
         num_train_epochs=t.epochs, max_steps=t.max_steps, learning_rate=t.learning_rate,
         lr_scheduler_type=t.scheduler, warmup_steps=derived["warmup_steps"], weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm, optim=optim, fp16=precision == "fp16", bf16=precision == "bf16",
-        seed=t.seed, data_seed=t.seed, logging_steps=t.logging_steps, logging_first_step=True,
-        eval_strategy="steps" if (t.eval_steps > 0 and val_rows) else "no",
+        max_grad_norm=t.max_grad_norm, optim=derived["optimizer"], fp16=precision == "fp16",
+        bf16=precision == "bf16", seed=t.seed, data_seed=t.seed, logging_steps=t.logging_steps,
+        logging_first_step=True, eval_strategy="steps" if (t.eval_steps > 0 and has_val) else "no",
         eval_steps=t.eval_steps if t.eval_steps > 0 else None,
         save_strategy="steps" if t.save_steps > 0 else "no", save_steps=t.save_steps or 500,
         report_to="none", use_cpu=device == "cpu", dataloader_num_workers=0, remove_unused_columns=False,
@@ -261,36 +227,135 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
         # the Trainer would pick nccl from the device it cannot find on a CPU; gloo is torch's CPU backend
         ddp_backend="gloo" if (device == "cpu" and world > 1) else None,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=train_rows, eval_dataset=val_rows or None,
-                      data_collator=PaddingFreeCollator() if t.packing else Collator(tok.pad_id),
-                      callbacks=[csv_logger(log_csv)] if rank == 0 else [])
-    st.lap("load")
-    result = trainer.train(resume_from_checkpoint=last)
-    st.lap("train")
-    st.facts.update(resumed_from=Path(last).name if last else None, run_key=key,
-                    final={"global_step": trainer.state.global_step, "train_loss": result.training_loss,
-                           "max_steps_actual": trainer.state.max_steps})
+
+
+def normalize_adapter(folder: Path, base: Path, model_name: str) -> None:
+    """Same run, same bytes. peft writes `target_modules` in set order ("all-linear" resolves to a
+    set), which changes from process to process: sorted, with sorted keys. It also names the base
+    by this checkout's folder (adapter_config.json, README.md): named by the recipe's model instead.
+    (Set before training, the name would send peft to the Hub for a config at each checkpoint.)"""
+    from qlora_kit.artifacts import write_atomic
+
+    path = folder / "adapter_config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(cfg.get(key), list):
+            cfg[key] = sorted(cfg[key])
+    if cfg.get("base_model_name_or_path") == str(base):
+        cfg["base_model_name_or_path"] = model_name
+    write_atomic(path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    card = folder / "README.md"
+    if card.is_file():
+        write_atomic(card, card.read_text(encoding="utf-8").replace(str(base), model_name))
+
+
+def save_adapter(trainer, model, ckpt_dir: Path, paths, rank: int, st) -> None:
+    """Write models/NAME/adapter (rank 0): the PEFT adapter, normalized, and its manifest."""
+    import shutil
+
+    from qlora_kit.artifacts import atomic_dir, hash_tree, write_json
+
     sharded = fsdp_enabled() or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    staged = ckpt_dir / "final-adapter"
     if sharded:
         # FSDP / ZeRO-3 hold only a shard of each weight per rank: every rank joins the gather in
         # Trainer.save_model, which writes the full adapter on rank 0 (untested here: needs GPUs)
-        import shutil
-
         if fsdp_enabled():
             trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-        staged = ckpt_dir / "final-adapter"
         trainer.save_model(str(staged))
+    if rank != 0:
+        return
+    with atomic_dir(paths.adapter) as tmp:
+        if sharded:
+            for f in staged.iterdir():
+                if f.is_file() and f.name != "training_args.bin":
+                    shutil.copy2(f, tmp / f.name)
+            shutil.rmtree(staged)
+        else:  # DDP / one process: rank 0's model holds the whole (replicated) adapter
+            model.save_pretrained(str(tmp))
+        normalize_adapter(tmp, paths.base, st.recipe.model.name)
+        st.facts["files"] = hash_tree(tmp, full=True)  # merge checks the adapter against these before reading it
+        write_json(tmp / "manifest.json", st.manifest())
+
+
+def describe_run(recipe: Recipe, model, train_rows: list[dict], world: int,
+                 device: str) -> tuple[dict[str, Any], list[str]]:
+    """derived_numbers plus the model's parameter counts and the precision/optimizer used."""
+    t = recipe.train
+    precision, prec_note = effective_precision(t.precision, device)
+    optim, optim_note = effective_optimizer(t.optimizer, device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total_params = sum(p.numel() for p in model.parameters())
+    mean_tokens = sum(len(r["input_ids"]) for r in train_rows) / max(len(train_rows), 1)
+    derived = derived_numbers(len(train_rows), recipe, world, mean_tokens)
+    derived.update(trainable_params=trainable, total_params=total_params,
+                   trainable_pct=round(100 * trainable / total_params, 4), device=device,
+                   precision=precision, optimizer=optim)
+    return derived, [n for n in (prec_note, optim_note) if n]
+
+
+def live_logger(log_csv: Path):
+    """The live logs start empty; the complete ones are rebuilt from the log history at the end."""
+    for f in (log_csv, log_csv.with_name("eval_log.csv")):
+        f.unlink(missing_ok=True)
+    return csv_logger(log_csv)
+
+
+def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    # QLORA_KIT_GPUS=N (N > 1) / QLORA_KIT_ACCELERATE_CONFIG: re-run this command under a launcher,
+    # unless this process is already one of a launched group (RANK is set by torchrun/accelerate)
+    nproc = int(os.environ.get("QLORA_KIT_GPUS") or "1")
+    accel_cfg = os.environ.get("QLORA_KIT_ACCELERATE_CONFIG") or None
+    if (nproc > 1 or accel_cfg) and "RANK" not in os.environ:
+        return relaunch(recipe, overrides, nproc, accel_cfg)
+
+    import torch
+    from transformers import Trainer, set_seed
+
+    from qlora_kit import layout
+    from qlora_kit.artifacts import StageRun
+    from qlora_kit.text.tokenizer import load_tokenizer
+
+    paths, st, t = layout.paths(recipe.name), StageRun("train", recipe, overrides), recipe.train
+    threads = st.use_threads()
+    device = resolve_device(t.device)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    st.facts["distributed"] = dist = distributed_facts(t, world)
+    set_seed(t.seed)
+    tok = load_tokenizer(paths.base, recipe.template, trust_remote_code=recipe.model.trust_remote_code)
+    train_rows, val_rows, data_hash = read_rows(paths.processed)
+    st.add_input("processed", paths.processed)
+    st.add_input("base", paths.base)
+    model = peft_model(recipe, paths.base, device)
+    derived, fallbacks = describe_run(recipe, model, train_rows, world, device)
+    st.facts.update(derived=derived, fallbacks=fallbacks)
+    if t.packing:  # packed logits == separate logits, checked on this model before step 0
+        derived["padding_free_check_rel_diff"] = check_padding_free(model, train_rows)
+    key = run_key(recipe, data_hash, world, threads)
+    ckpt_dir = paths.checkpoints / key
+    paths.checkpoints.mkdir(parents=True, exist_ok=True)  # a DVC out (persist) even with no checkpoints
+    last, note = resume_point(ckpt_dir)
     if rank == 0:
-        with atomic_dir(paths.adapter) as tmp:
-            if sharded:
-                for f in staged.iterdir():
-                    if f.is_file() and f.name != "training_args.bin":
-                        shutil.copy2(f, tmp / f.name)
-                shutil.rmtree(staged)
-            else:  # DDP / one process: rank 0's model holds the whole (replicated) adapter
-                model.save_pretrained(str(tmp))
-            st.facts["files"] = hash_tree(tmp, full=True)  # merge checks the adapter against these before reading it
-            write_json(tmp / "manifest.json", st.manifest())
+        print("train: derived before step 0: " + json.dumps(derived), flush=True)
+        for line in [f"fallback: {f}" for f in fallbacks] + ([note] if note else []):
+            print(f"train: {line}", flush=True)
+    log_csv = paths.reports / "train_log.csv"
+    logger = live_logger(log_csv) if rank == 0 else None
+    trainer = Trainer(model=model, args=training_args(recipe, ckpt_dir, derived, dist, bool(val_rows)),
+                      train_dataset=train_rows, eval_dataset=val_rows or None,
+                      data_collator=PaddingFreeCollator() if t.packing else Collator(tok.pad_id),
+                      callbacks=[log_last_step()] + ([logger] if logger else []))
+    st.lap("load")
+    trainer.train(resume_from_checkpoint=last)
+    st.lap("train")
+    logged = write_logs(trainer.state.log_history, log_csv, logger.timing) if rank == 0 else []
+    st.facts.update(run_key=key, final={"global_step": trainer.state.global_step,
+                                        "train_loss": mean_logged_loss(logged),
+                                        "logged_steps": len(logged), "max_steps_actual": trainer.state.max_steps})
+    st.volatile.update(resumed_from=Path(last).name if last else None, note=note)
+    save_adapter(trainer, model, ckpt_dir, paths, rank, st)
+    if rank == 0:
+        st.write_run_report(paths.reports)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # no rank exits (and no launcher reports success) before the adapter exists
     return st.facts

@@ -26,7 +26,7 @@ def test_recipe_runs_end_to_end_on_tiny(name, tmp_path, monkeypatch):
     for stage in (fetch, preprocess, train, merge, quantize, evaluate):
         stage.run(r)
     p = layout.paths(name)
-    m = json.loads((p.reports / "metrics.json").read_text())
+    m = json.loads((p.reports / "details.json").read_text())
     assert set(m["gguf"]) == set(r.quantize.types)
     man = json.loads((p.adapter / "manifest.json").read_text())
     assert man["config"]["lora"] == json.loads(real.lora.model_dump_json())  # the source's LoRA, unchanged

@@ -228,7 +228,7 @@ def test_both_judges_against_llama_cpp_server_with_a_retried_failure(llama_serve
     cache = [json.loads(x) for x in (reports / "judge_cache.jsonl").read_text().splitlines()]
     assert len(cache) == 10 and len({c["key"] for c in cache}) == 10 and all(c["model"] == "tiny-judge" for c in cache)
 
-    saved = json.loads((reports / "metrics.json").read_text())
+    saved = json.loads((reports / "details.json").read_text())
     assert saved["judge"]["komt-3"]["sum"] == komt["sum"] and saved["judge"]["sinstruct-2"]["win"] == pair["win"]
     assert saved["judge"]["status"] == "configured"
     assert saved["judge"]["komt-3"]["status"] == komt["status"].split(":", 1)[0]

@@ -128,6 +128,6 @@ def test_evaluate_runs_a_local_lm_eval_task_on_the_merged_model(tmp_path_factory
     report = (root / "reports/tiny/report.md").read_text()
     assert "Status: 1 of 2 presets failed: missing" in report
     assert f"| tiny_mc | kit_tiny_mc | 1 | acc_norm | {tiny['acc_norm']:.4g} |" in report
-    saved = json.loads((root / "reports/tiny/metrics.json").read_text())
+    saved = json.loads((root / "reports/tiny/details.json").read_text())
     assert saved["benchmarks"]["tiny_mc"]["acc_norm"] == tiny["acc_norm"]
     assert saved["benchmarks"]["status"] == "1 of 2 presets failed"

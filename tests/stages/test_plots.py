@@ -2,8 +2,10 @@
 
 Issue 4, done means 3. The CSV is written by the train stage's own logger callback
 (`checkpoints.csv_logger`, fed the log events the Trainer sends), so the file has the real columns;
-no training is run. `dvc plots show` then renders the plot dvc.yaml declares for the tiny recipe
-(x: step, y: loss) in a temporary copy of the repository.
+no training is run. `dvc plots show` then renders the plots dvc.yaml declares for the tiny recipe
+(x: step, y: loss; x: step, y: eval_loss) in a temporary copy of the repository. Issue 13: the
+evaluation rows are in their own file, so the training curve has no empty (zero) points, and the
+logs rebuilt from the Trainer's log history match the live ones.
 """
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ def test_dvc_plots_show_renders_the_declared_loss_plot(tmp_path):
     csv_path = repo / "reports/tiny/train_log.csv"
     _write_log(csv_path)
     header, *rows = csv_path.read_text().splitlines()
-    assert header.split(",")[:3] == ["step", "epoch", "loss"] and len(rows) == len(LOSSES) + len(EVAL)
+    assert header.split(",")[:3] == ["step", "epoch", "loss"] and len(rows) == len(LOSSES)
+    assert csv_path.with_name("eval_log.csv").read_text().splitlines()[1:] == ["5,0.8333,4.4021"]
 
     env = kit_env(repo)
     # --json: the rendered Vega-Lite spec with its data, to check what is plotted on which axis
@@ -63,8 +66,9 @@ def test_dvc_plots_show_renders_the_declared_loss_plot(tmp_path):
     assert ys == {"loss"}
     assert spec["title"]["text"] == "tiny training loss"
     values = spec["data"]["values"]
-    got = [(int(v["step"]), float(v["loss"])) for v in values if v.get("loss") not in ("", None)]
-    assert got == list(enumerate(LOSSES, start=1))  # the eval-only row has no train loss, so no point
+    assert [(int(v["step"]), float(v["loss"])) for v in values] == list(enumerate(LOSSES, start=1))
+    evals = plots["reports/tiny/eval_log.csv"][0]["content"]["data"]["values"]
+    assert [(int(v["step"]), float(v["eval_loss"])) for v in evals] == list(EVAL.items())
 
     # the HTML page a user opens
     out = tmp_path / "plots"
@@ -75,6 +79,25 @@ def test_dvc_plots_show_renders_the_declared_loss_plot(tmp_path):
     assert "tiny training loss" in html and "vega" in html.lower()
     for loss in LOSSES:
         assert str(loss) in html
+
+
+def test_logs_rebuilt_from_the_history_match_the_live_ones(tmp_path):
+    """A resumed run rewrites its logs from the Trainer's log history (which holds the steps
+    before the checkpoint): the same rows the live logger wrote, throughput where measured."""
+    live = tmp_path / "live" / "train_log.csv"
+    _write_log(live)
+    history = [{"step": s, "epoch": s / len(LOSSES), "loss": loss, "learning_rate": 3e-3, "grad_norm": 1.5,
+                "num_input_tokens_seen": s * 1000} for s, loss in enumerate(LOSSES, start=1)]
+    history.insert(5, {"step": 5, "epoch": 5 / len(LOSSES), "eval_loss": EVAL[5]})
+    rebuilt = tmp_path / "rebuilt" / "train_log.csv"
+    rows = checkpoints.write_logs(history, rebuilt, timing={})
+    cut = lambda p: [",".join(line.split(",")[:6]) for line in p.read_text().splitlines()]  # noqa: E731
+    assert cut(rebuilt) == cut(live) and len(rows) == len(LOSSES)
+    assert (rebuilt.with_name("eval_log.csv").read_text().splitlines()
+            == live.with_name("eval_log.csv").read_text().splitlines())
+    assert checkpoints.mean_logged_loss(rows) == sum(LOSSES) / len(LOSSES)
+    # logged every 2 steps: each value averages the steps since the previous log row
+    assert checkpoints.mean_logged_loss([{"step": 1, "loss": 4.0}, {"step": 3, "loss": 1.0}]) == 2.0
 
 
 def test_report_embeds_the_loss_png(tmp_path):

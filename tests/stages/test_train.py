@@ -103,8 +103,7 @@ def test_sigkill_then_rerun_resumes_to_the_same_adapter(prepared, tmp_path):
     assert not (killed / "models/tiny/adapter").exists()  # nothing that looks complete
     res = subprocess.run(["qlora-kit", "train", "--recipe", "tiny", *over], env=kit_env(killed), check=True,
                          capture_output=True, text=True)
-    man = json.loads((killed / "models/tiny/adapter/manifest.json").read_text())
-    resumed = man["facts"]["resumed_from"] or ""
+    resumed = json.loads((killed / "reports/tiny/train_run.json").read_text())["resumed_from"] or ""
     assert resumed.startswith("checkpoint-") and int(resumed.split("-")[1]) < 40, res.stdout
     a = load_file(str(ref / "models/tiny/adapter/adapter_model.safetensors"))
     b = load_file(str(killed / "models/tiny/adapter/adapter_model.safetensors"))
@@ -139,3 +138,22 @@ def test_an_incomplete_checkpoint_is_never_resumed(tmp_path):
     assert checkpoints.last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-3")
     assert not (tmp_path / "checkpoint-6").exists()
     assert checkpoints.last_complete_checkpoint(tmp_path / "absent") is None
+
+
+def _checkpoint(d: Path, step: int, max_steps: int) -> None:
+    d.mkdir(parents=True)
+    for f in checkpoints.CHECKPOINT_FILES + ("rng_state.pth",):
+        (d / f).write_bytes(b"x")
+    (d / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": max_steps}))
+
+
+def test_a_finished_run_is_never_resumed(tmp_path):
+    """Issue 13: resuming from the last step would train nothing and report no loss; the rerun of
+    a finished run trains from scratch, an unfinished one resumes."""
+    run = tmp_path / "key"
+    _checkpoint(run / "checkpoint-40", 40, 294)
+    assert checkpoints.resume_point(run) == (str(run / "checkpoint-40"), None)
+    _checkpoint(run / "checkpoint-294", 294, 294)
+    last, note = checkpoints.resume_point(run)
+    assert last is None and note == "checkpoint-294 ends a finished run: trained again from scratch"
+    assert not run.exists()

@@ -71,3 +71,13 @@ def room(module: str) -> str:
     """The top-level part of qlora_kit a module lives in: a stage, a spine module, or a helper folder."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else "qlora_kit"
+
+
+def stage_code(stage: str) -> set[str]:
+    """The files `qlora-kit STAGE` runs, relative to the checkout: the import closure of the
+    command (cli) and of the stage module."""
+    mods = closure("qlora_kit.cli") | closure(f"qlora_kit.{stage}")
+    return {module_file(m).relative_to(REPO).as_posix() for m in mods}
+
+
+DATA_DEPS = {"fetch": ["src/qlora_kit/tiny/assets"]}  # files a stage reads that are not Python

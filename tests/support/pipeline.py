@@ -70,6 +70,6 @@ def clone_outputs(src: Path, dst: Path) -> Path:
         shutil.copytree(src / part, dst / part)
     (dst / "reports/tiny").mkdir(parents=True)
     for f in (src / "reports/tiny").iterdir():
-        if f.is_file() and f.name not in ("metrics.json", "report.md", "judge_cache.jsonl"):
+        if f.is_file() and f.name not in ("metrics.json", "details.json", "report.md", "judge_cache.jsonl"):
             shutil.copy2(f, dst / "reports/tiny" / f.name)
     return dst

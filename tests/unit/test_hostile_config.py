@@ -79,6 +79,28 @@ def test_enable_adds_a_good_recipe_and_refuses_one_outside_recipes(root, tmp_pat
     assert "only recipes in" in refused(capsys, tmp_path / "kit" / "recipes", "enable", str(outside))
 
 
+def test_enable_is_undone_when_its_command_fails(root, capsys):
+    """Issue 13: `make reproduce RECIPE=komt` failing offline must not leave komt in params.yaml."""
+    import sys
+
+    before = (root / "params.yaml").read_text()
+    fail = [sys.executable, "-c", "raise SystemExit(3)"]
+    assert cli.main(["enable", "komt", "--", *fail]) == 3
+    assert (root / "params.yaml").read_text() == before
+    assert "removed komt from params.yaml again" in capsys.readouterr().err
+    assert cli.main(["enable", "komt", "--", sys.executable, "-c", "pass"]) == 0
+    assert yaml.safe_load((root / "params.yaml").read_text())["recipes"] == ["tiny", "komt"]
+    assert cli.main(["enable", "komt", "--", *fail]) == 3  # already enabled before: stays enabled
+    assert yaml.safe_load((root / "params.yaml").read_text())["recipes"] == ["tiny", "komt"]
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-2", "1.5"])
+def test_a_bad_thread_count_is_one_line_and_exit_2(root, capsys, monkeypatch, value):
+    monkeypatch.setenv("QLORA_KIT_THREADS", value)
+    err = refused(capsys, root, "merge", "--recipe", "tiny")
+    assert "QLORA_KIT_THREADS" in err and "whole number" in err
+
+
 def test_a_hand_edited_params_list_cannot_run_a_shell_command_through_dvc(tmp_path):
     repo = copy_repo(tmp_path / "repo")
     (repo / "recipes" / "t$(touch PWNED).yaml").write_text(TINY, encoding="utf-8")

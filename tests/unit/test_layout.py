@@ -7,7 +7,7 @@ import sys
 
 import yaml
 
-from support.imports import PKG, STAGES, all_modules, closure, imports_of, module_file, room
+from support.imports import DATA_DEPS, PKG, STAGES, all_modules, imports_of, module_file, room, stage_code
 from support.repo import REPO
 
 SPINE = {"cli", "config", "config_checks", "layout", "artifacts", "errors"}
@@ -52,13 +52,15 @@ def test_module_files_resolve():
         assert module_file(m) is not None and module_file(m).is_relative_to(PKG), m
 
 
-def test_dvc_deps_cover_each_stage_import_closure():
+def test_dvc_code_deps_are_exactly_each_stage_import_closure():
+    """Issue 13: dvc.yaml deps complete by construction. A file a stage runs that dvc.yaml misses
+    would not rerun it when edited; one it lists but does not run would rerun it for nothing."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for st in STAGES:
-        deps = set(stages[st]["do"]["deps"])
-        need = {module_file(m).relative_to(REPO).as_posix() for m in closure(f"qlora_kit.{st}")}
-        missing = sorted(p for p in need if p not in deps and not any(p.startswith(d.rstrip("/") + "/") for d in deps))
-        assert not missing, f"dvc.yaml stage {st} misses code it runs: {missing}"
+        listed = {d for d in stages[st]["do"]["deps"] if d.startswith("src/")}
+        need = stage_code(st) | set(DATA_DEPS.get(st, []))
+        assert listed == need, (f"dvc.yaml stage {st}: missing {sorted(need - listed)}, not run by it "
+                                f"{sorted(listed - need)}; `python tools/dvc_deps.py` rewrites the deps")
 
 
 def test_product_text_never_points_outside_the_repository():

@@ -20,6 +20,18 @@ def read_reference_curve(path: Path) -> dict[str, Any]:
     return {"points": points, "total_steps": total}
 
 
+def _series(path: Path, column: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one column of a loss log; empty when the file is absent."""
+    steps, values = [], []
+    if path.is_file():
+        with open(path) as f:
+            for r in csv.DictReader(f):
+                if r.get(column):
+                    steps.append(int(r["step"]))
+                    values.append(float(r[column]))
+    return steps, values
+
+
 def plot_loss(csv_path: Path, png: Path, reference: dict[str, Any] | None = None,
               total_steps: int | None = None) -> bool:
     """The run's loss curve; with a `reference` (the source's trainer_state.json) both curves are
@@ -32,15 +44,8 @@ def plot_loss(csv_path: Path, png: Path, reference: dict[str, Any] | None = None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps, loss, esteps, eloss = [], [], [], []
-    with open(csv_path) as f:
-        for r in csv.DictReader(f):
-            if r["loss"]:
-                steps.append(int(r["step"]))
-                loss.append(float(r["loss"]))
-            if r["eval_loss"]:
-                esteps.append(int(r["step"]))
-                eloss.append(float(r["eval_loss"]))
+    steps, loss = _series(csv_path, "loss")
+    esteps, eloss = _series(csv_path.with_name("eval_log.csv"), "eval_loss")  # the train stage's eval log
     total = max(total_steps or 0, *(steps or [1]), *(esteps or [1]))
     scale = (lambda xs: [x / total for x in xs]) if reference else (lambda xs: xs)  # noqa: E731
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
@@ -65,13 +70,47 @@ def plot_loss(csv_path: Path, png: Path, reference: dict[str, Any] | None = None
 
 
 def for_dvc(metrics: Any) -> Any:
-    """metrics.json as `dvc metrics show/diff` reads it: status texts cut to their kind ("off",
+    """details.json, every number and status of the run: status texts cut to their kind ("off",
     "not configured", "unavailable", "failed", "ok", "not measured in this run", ...); the
-    full texts are in report.md and evaluate/manifest.json. Keeps the DVC table readable."""
+    full texts are in report.md and evaluate/manifest.json."""
     if isinstance(metrics, dict):
         return {k: (v.split(":", 1)[0] if k == "status" and isinstance(v, str) else for_dvc(v))
                 for k, v in metrics.items()}
     return metrics
+
+
+JUDGE_HEADLINE = ("average", "win", "tie", "lose")  # komt 0-5 average; AlpaGasus pairwise counts
+
+
+def _num(x: Any) -> float | int | None:
+    return x if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The small, numbers-only metrics.json that `dvc metrics show/diff` reads: step count,
+    validation loss before and after, EOS rate in HF and the lowest over the GGUFs, parity KL per
+    GGUF, judge scores. Per-GGUF EOS rates and top-1 agreement are in details.json with everything
+    else (not a DVC metric): with them, the tiny recipe's three GGUFs would not fit 120 columns."""
+    gguf = metrics.get("gguf", {})
+    eos = [g["eos_rate"] for g in gguf.values() if _num(g.get("eos_rate")) is not None]
+    out: dict[str, Any] = {"steps": metrics.get("train", {}).get("global_step"),
+                           "loss": {"before": metrics.get("val_loss_before"), "after": metrics.get("val_loss_after")},
+                           "eos": {"hf": metrics.get("hf", {}).get("eos_rate"), "gguf": min(eos, default=None)},
+                           "kl": {q: g.get("parity_mean_kl") for q, g in gguf.items()}}
+    judge = {f"{name}.{k}": entry[k] for name, entry in metrics.get("judge", {}).items()
+             if isinstance(entry, dict) and entry.get("status") == "ok" for k in JUDGE_HEADLINE if k in entry}
+    if judge:
+        out["judge"] = judge
+    return _numbers_only(out)
+
+
+def _numbers_only(d: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        v = _numbers_only(v) if isinstance(v, dict) else _num(v)
+        if v not in (None, {}):
+            out[k] = round(v, 6) if isinstance(v, float) else v
+    return out
 
 
 def _f(x: Any, nd: int = 4) -> str:

@@ -53,7 +53,7 @@ def model_card(recipe: Recipe, ids: dict[str, Any], parity: dict[str, Any], adap
     final = train_facts.get("final") or {}
     if derived:
         L.append(f"- Training: {final.get('global_step', derived.get('total_steps'))} optimizer steps, effective "
-                 f"batch {derived.get('effective_batch')}, final train loss "
+                 f"batch {derived.get('effective_batch')}, mean train loss "
                  f"{final.get('train_loss') if final.get('train_loss') is None else round(final['train_loss'], 4)}")
     logits = parity.get("logits") or {}
     L += [f"- Merge: `{recipe.merge.method}` into the `{recipe.merge.base}` base weights, saved as "
