@@ -134,59 +134,40 @@ def _benchmarks(recipe: Recipe, merged: Path) -> tuple[dict[str, Any], dict[str,
     return {"status": status, **numbers}, full
 
 
-def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def _reference_curve(e: Any, downloads: Path, online: bool) -> tuple[dict[str, Any] | None, str]:
+    """The source's own training curve (eval.reference_curve), or why it is unavailable."""
+    from qlora_kit.errors import DataError
+    from qlora_kit.sources.prompt_sets import Unavailable, locate
+
+    if e.reference_curve is None:
+        return None, ""
+    try:
+        ref_path, ref_file = locate(e.reference_curve, downloads, allow_download=online)
+        return {**read_reference_curve(ref_path), "file": ref_file}, ""
+    except Unavailable as ex:
+        return None, f"unavailable: {ex}"
+    except (ValueError, KeyError, TypeError) as ex:  # a verified file that is not a trainer_state.json
+        raise DataError(f"eval.reference_curve: {e.reference_curve.path}: {ex}") from None
+
+
+def _eval_rows(processed: Path, e: Any) -> tuple[list[dict[str, Any]], str]:
+    from qlora_kit.text.examples import read_split
+
+    val = read_split(processed, "val")
+    if val:
+        return val, "val"
+    # komt and the Polyglot run trained on everything (no held-out split); like the Polyglot
+    # EVAL notebook we then measure on a sample of the training rows, and say so in the report
+    return (read_split(processed, "train")[: max(e.num_prompts, 64)],
+            "train-sample (the recipe holds out no validation split)")
+
+
+def _hf_phase(recipe: Recipe, paths: Any, tok: Any, val: list, prompts: list, refs: list,
+              metrics: dict[str, Any], gens: dict[str, list]) -> Any:
+    """Validation loss of the base and the merged model, the merged model's generations; returns
+    the merged model (the prompt sets are answered with it next)."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from qlora_kit import layout
-    from qlora_kit.sources import model_safety
-    from qlora_kit.artifacts import StageRun, atomic_dir, verify_recorded, write_atomic, write_json
-    from qlora_kit.judge.client import resolve_endpoint
-    from qlora_kit.text.examples import read_split
-    from qlora_kit.sources.prompt_sets import Unavailable, locate
-    from qlora_kit.errors import DataError
-    from qlora_kit.text.tokenizer import load_tokenizer
-
-    paths = layout.paths(recipe.name)
-    for folder in (paths.base, paths.merged):  # before any tokenizer or model is loaded
-        model_safety.check(folder, recipe.model)
-    q_files = _quantize_files(paths.gguf)
-    verify_recorded(paths.gguf, {i["file"]: i["sha256"] for i in q_files.values()}, "quantize", recipe.name)
-    st = StageRun("evaluate", recipe, overrides)
-    threads = st.use_threads()
-    for label in ("processed", "merged", "gguf"):
-        st.add_input(label, getattr(paths, label))
-    torch.manual_seed(0)
-    e = recipe.eval
-    # Evaluation inputs first, so a prompt file that does not fit the recipe's field mapping stops
-    # the stage before any model is loaded. Pinned files are downloaded only when a judge is
-    # configured (such a run is online anyway); otherwise the stage stays offline like every stage
-    # after fetch, and a file missing from the local mirror is reported as unavailable.
-    endpoint = resolve_endpoint(e.judge_base_url, e.judge_model)
-    downloads = paths.reports / "prompt_sets"
-    sets = load_prompt_sets(recipe, downloads, endpoint.configured)
-    reference, reference_note = None, ""
-    if e.reference_curve is not None:
-        try:
-            ref_path, ref_file = locate(e.reference_curve, downloads, allow_download=endpoint.configured)
-            reference = {**read_reference_curve(ref_path), "file": ref_file}
-        except Unavailable as ex:
-            reference_note = f"unavailable: {ex}"
-        except (ValueError, KeyError, TypeError) as ex:  # a verified file that is not a trainer_state.json
-            raise DataError(f"eval.reference_curve: {e.reference_curve.path}: {ex}") from None
-    val = read_split(paths.processed, "val")
-    split = "val"
-    if not val:
-        # komt and the Polyglot run trained on everything (no held-out split); like the Polyglot
-        # EVAL notebook we then measure on a sample of the training rows, and say so in the report
-        val = read_split(paths.processed, "train")[: max(e.num_prompts, 64)]
-        split = "train-sample (the recipe holds out no validation split)"
-    held = val[: e.num_prompts]
-    tok = load_tokenizer(paths.merged, recipe.template, trust_remote_code=recipe.model.trust_remote_code)
-    prompts = [prompt_ids(recipe, tok, r) for r in held]
-    refs = [r["output"] for r in held]
-    metrics: dict[str, Any] = {"val_rows": len(val), "eval_split": split, "prompts": len(held)}
-    gens: dict[str, list] = {}
 
     load = dict(dtype=torch.float32, trust_remote_code=recipe.model.trust_remote_code,
                 use_safetensors=not recipe.model.allow_pickle or None)
@@ -199,18 +180,21 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
         metrics[f"val_ppl_{k}"] = math.exp(min(metrics[f"val_loss_{k}"], 50))
     gens["hf"] = hf_generate(merged, tok, recipe, prompts)
     metrics["hf"] = summarize(gens["hf"], refs)
-    st.lap("hf")
+    return merged
 
-    # The prompt sets the source evaluated on, answered by the merged model with the source's
-    # generation settings (eval.*). Judged sets are answered only when their judge can run.
-    limit = e.prompt_set_limit or None
+
+def _answer_sets(recipe: Recipe, sets: list, merged: Any, tok: Any, judge_configured: bool
+                 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    """The prompt sets the source evaluated on, answered by the merged model with the source's
+    generation settings (eval.*). Judged sets are answered only when their judge can run."""
+    limit = recipe.eval.prompt_set_limit or None
     set_answers: dict[str, list[dict[str, Any]]] = {}
     set_metrics: dict[str, Any] = {}
     for s in sets:
         if s.unavailable:
             set_metrics[s.name] = {"status": f"unavailable: {s.unavailable}"}
             continue
-        if s.spec.judge != "none" and not endpoint.configured:
+        if s.spec.judge != "none" and not judge_configured:
             set_metrics[s.name] = {"status": "not answered: judge not configured", "prompts": len(s.rows)}
             continue
         answers = prompt_set_answers(recipe, merged, tok, s.rows[:limit])
@@ -219,76 +203,153 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
         set_metrics[s.name] = {"status": "ok", "prompts": len(s.rows), "answered": len(answers),
                                "eos_rate": sum(a["ended_with_eos"] for a in answers) / max(len(answers), 1),
                                "answer_tokens_mean": sum(lens) / max(len(answers), 1)}
+    return set_answers, set_metrics
+
+
+def _gguf_phase(recipe: Recipe, gguf_dir: Path, tok: Any, val: list, prompts: list, refs: list,
+                threads: int, gens: dict[str, list]) -> dict[str, Any]:
+    """Validation loss and generations of every GGUF."""
+    from qlora_kit.gguf.runtime import open_gguf
+
+    out: dict[str, Any] = {}
+    for f in sorted(gguf_dir.glob("model-*.gguf")):
+        qtype = f.stem.removeprefix("model-")
+        n_ctx = max([512] + [len(r["input_ids"]) + recipe.eval.max_new_tokens + 8 for r in val])
+        with open_gguf(f, n_ctx=n_ctx, logits_all=True, seed=0, n_threads=threads) as llm:
+            loss = gguf_completion_loss(llm, val)
+            gens[f"gguf-{qtype}"] = gguf_generate(llm, tok, recipe, prompts)
+        out[qtype] = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), **summarize(gens[f"gguf-{qtype}"], refs)}
+    return out
+
+
+def _stage_reports(reports: Path, gguf_metrics: dict[str, Any]) -> dict[str, Any]:
+    """The earlier stages' reports; GGUF parity figures copied into each GGUF's metrics."""
+    extras = {name: json.loads((reports / name).read_text())
+              for name in ("data_report.json", "merge_parity.json", "gguf_parity.json")
+              if (reports / name).exists()}
+    for qtype, p in extras.get("gguf_parity.json", {}).get("types", {}).items():
+        if qtype in gguf_metrics and isinstance(p, dict):
+            gguf_metrics[qtype].update({f"parity_{k}": p[k] for k in ("mean_kl", "top1_agreement", "passed")
+                                        if k in p})
+    return extras
+
+
+def _write_answer_files(tmp: Path, held: list, gens: dict[str, list], sets: list,
+                        set_answers: dict[str, list], judge_records: dict[str, list]) -> None:
+    with open(tmp / "generations.jsonl", "w", encoding="utf-8") as fh:
+        for i, r in enumerate(held):
+            fh.write(json.dumps({"instruction": r["instruction"], "input": r["input"], "reference": r["output"],
+                                 **{k: v[i] for k, v in gens.items()}}, ensure_ascii=False) + "\n")
+    for name, answers in set_answers.items():
+        rows = next(s.rows for s in sets if s.name == name)
+        recs = judge_records.get(name, [])
+        (tmp / "prompt_sets").mkdir(exist_ok=True)
+        with open(tmp / "prompt_sets" / f"{name}.jsonl", "w", encoding="utf-8") as fh:
+            for i, a in enumerate(answers):
+                row = {k: rows[i][k] for k in ("id", "instruction", "input") if k in rows[i]}
+                fh.write(json.dumps({**row, **a, **(recs[i] if i < len(recs) else {})},
+                                    ensure_ascii=False) + "\n")
+
+
+def _train_facts(paths: Any) -> dict[str, Any]:
+    train_manifest = json.loads((paths.adapter / "manifest.json").read_text())
+    train_manifest["facts"]["resumed_from"] = _resumed_from(paths.reports / "train_run.json")
+    return train_manifest["facts"]
+
+
+def _finish_metrics(recipe: Recipe, metrics: dict[str, Any], train_facts: dict[str, Any],
+                    env: dict[str, Any]) -> dict[str, Any]:
+    """The train, environment and expected-vs-reported parts of the metrics; returns the train
+    run's final facts."""
+    fin = train_facts.get("final", {})
+    metrics["train"] = {k: fin[k] for k in ("global_step", "train_loss") if k in fin}
+    metrics["environment"] = {"fingerprint": env["fingerprint"], "python": env["python"], "device": env["device"],
+                              **{k: env["packages"][k] for k in ("torch", "transformers", "llama-cpp-python")}}
+    metrics["expected"] = compare_expected(recipe.expected.metrics, metrics)
+    return fin
+
+
+def _inputs(recipe: Recipe, paths: Any) -> None:
+    """Refuse model folders with foreign code or pickles, and GGUFs that differ from their record."""
+    from qlora_kit.artifacts import verify_recorded
+    from qlora_kit.sources import model_safety
+
+    for folder in (paths.base, paths.merged):  # before any tokenizer or model is loaded
+        model_safety.check(folder, recipe.model)
+    q_files = _quantize_files(paths.gguf)
+    verify_recorded(paths.gguf, {i["file"]: i["sha256"] for i in q_files.values()}, "quantize", recipe.name)
+
+
+def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    import torch
+
+    from qlora_kit import layout
+    from qlora_kit.artifacts import StageRun, atomic_dir, write_json
+    from qlora_kit.judge.client import resolve_endpoint
+    from qlora_kit.text.tokenizer import load_tokenizer
+
+    paths = layout.paths(recipe.name)
+    _inputs(recipe, paths)
+    st = StageRun("evaluate", recipe, overrides)
+    threads = st.use_threads()  # torch here; llama.cpp in _gguf_phase
+    for label in ("processed", "merged", "gguf"):
+        st.add_input(label, getattr(paths, label))
+    torch.manual_seed(0)
+    e = recipe.eval
+    # Evaluation inputs first (a prompt file that does not fit the field mapping stops the stage
+    # before any model loads). Pinned files are downloaded only when a judge is configured (an
+    # online run anyway); otherwise a file missing from the local mirror is reported unavailable.
+    endpoint, downloads = resolve_endpoint(e.judge_base_url, e.judge_model), paths.reports / "prompt_sets"
+    sets = load_prompt_sets(recipe, downloads, endpoint.configured)
+    reference, reference_note = _reference_curve(e, downloads, endpoint.configured)
+    val, split = _eval_rows(paths.processed, e)
+    held = val[: e.num_prompts]
+    tok = load_tokenizer(paths.merged, recipe.template, trust_remote_code=recipe.model.trust_remote_code)
+    prompts, refs = [prompt_ids(recipe, tok, r) for r in held], [r["output"] for r in held]
+    metrics: dict[str, Any] = {"val_rows": len(val), "eval_split": split, "prompts": len(held)}
+    gens: dict[str, list] = {}  # per model: the generations on the held-out prompts
+    merged = _hf_phase(recipe, paths, tok, val, prompts, refs, metrics, gens)
+    st.lap("hf")
+    set_answers, set_metrics = _answer_sets(recipe, sets, merged, tok, endpoint.configured)
     del merged
     st.lap("prompt_sets")
     judge_metrics, judge_records = judge_prompt_sets(sets, set_answers, endpoint,
                                                      paths.reports / "judge_cache.jsonl")
     st.lap("judge")
-
-    from qlora_kit.gguf.runtime import open_gguf
-
-    metrics["gguf"] = {}
-    for f in sorted(paths.gguf.glob("model-*.gguf")):
-        qtype = f.stem.removeprefix("model-")
-        n_ctx = max([512] + [len(r["input_ids"]) + e.max_new_tokens + 8 for r in val])
-        with open_gguf(f, n_ctx=n_ctx, logits_all=True, seed=0, n_threads=threads) as llm:
-            loss = gguf_completion_loss(llm, val)
-            gens[f"gguf-{qtype}"] = gguf_generate(llm, tok, recipe, prompts)
-        metrics["gguf"][qtype] = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)),
-                                  **summarize(gens[f"gguf-{qtype}"], refs)}
+    metrics["gguf"] = _gguf_phase(recipe, paths.gguf, tok, val, prompts, refs, threads, gens)
     st.lap("gguf")
-
-    extras = {name: json.loads((paths.reports / name).read_text())
-              for name in ("data_report.json", "merge_parity.json", "gguf_parity.json")
-              if (paths.reports / name).exists()}
-    for qtype, p in extras.get("gguf_parity.json", {}).get("types", {}).items():
-        if qtype in metrics["gguf"] and isinstance(p, dict):
-            metrics["gguf"][qtype].update({f"parity_{k}": p[k] for k in ("mean_kl", "top1_agreement", "passed")
-                                           if k in p})
+    extras = _stage_reports(paths.reports, metrics["gguf"])
     metrics["benchmarks"], bench_full = _benchmarks(recipe, paths.merged)
     st.lap("benchmarks")
-    metrics["prompt_sets"] = set_metrics
-    metrics["judge"] = judge_metrics
-    train_manifest = json.loads((paths.adapter / "manifest.json").read_text())
-    train_manifest["facts"]["resumed_from"] = _resumed_from(paths.reports / "train_run.json")
-    fin = train_manifest["facts"].get("final", {})
-    metrics["train"] = {k: fin[k] for k in ("global_step", "train_loss") if k in fin}
-    env = environment()
-    metrics["environment"] = {"fingerprint": env["fingerprint"], "python": env["python"], "device": env["device"],
-                              **{k: env["packages"][k] for k in ("torch", "transformers", "llama-cpp-python")}}
-    metrics["expected"] = compare_expected(recipe.expected.metrics, metrics)
+    metrics["prompt_sets"], metrics["judge"] = set_metrics, judge_metrics
+    train_facts, env = _train_facts(paths), environment()
+    fin = _finish_metrics(recipe, metrics, train_facts, env)
     with atomic_dir(paths.reports / "evaluate") as tmp:
         has_plot = plot_loss(paths.reports / "train_log.csv", tmp / "loss_curve.png", reference,
                              fin.get("global_step"))
-        with open(tmp / "generations.jsonl", "w", encoding="utf-8") as fh:
-            for i, r in enumerate(held):
-                fh.write(json.dumps({"instruction": r["instruction"], "input": r["input"], "reference": r["output"],
-                                     **{k: v[i] for k, v in gens.items()}}, ensure_ascii=False) + "\n")
-        for name, answers in set_answers.items():
-            rows = next(s.rows for s in sets if s.name == name)
-            recs = judge_records.get(name, [])
-            (tmp / "prompt_sets").mkdir(exist_ok=True)
-            with open(tmp / "prompt_sets" / f"{name}.jsonl", "w", encoding="utf-8") as fh:
-                for i, a in enumerate(answers):
-                    row = {k: rows[i][k] for k in ("id", "instruction", "input") if k in rows[i]}
-                    fh.write(json.dumps({**row, **a, **(recs[i] if i < len(recs) else {})},
-                                        ensure_ascii=False) + "\n")
+        _write_answer_files(tmp, held, gens, sets, set_answers, judge_records)
         if bench_full:
             write_json(tmp / "benchmarks.json", json.loads(json.dumps(bench_full, default=str)))
-        st.facts.update(metrics=metrics, environment=env,
-                        eval_files={s.name: s.files for s in sets},
+        st.facts.update(metrics=metrics, environment=env, eval_files={s.name: s.files for s in sets},
                         reference_curve=(reference or {}).get("file") or reference_note or None)
         write_json(tmp / "manifest.json", st.manifest())
-        report = render_report(recipe, metrics, extras, train_manifest["facts"], gens, held,
+        report = render_report(recipe, metrics, extras, train_facts, gens, held,
                                (tmp / "loss_curve.png") if has_plot else None,
                                sets=sets, set_answers=set_answers, judge_records=judge_records, env=env,
                                reference=reference, reference_note=reference_note)
-    write_json(paths.reports / "details.json", for_dvc(metrics))
-    write_json(paths.reports / "metrics.json", headline(metrics))
-    write_atomic(paths.reports / "report.md", report)
-    st.write_run_report(paths.reports)
+    _publish(paths.reports, metrics, report, st)
     _raise_on_failed_judge(judge_metrics, paths.reports / "report.md")
     return metrics
+
+
+def _publish(reports: Path, metrics: dict[str, Any], report: str, st: Any) -> None:
+    """details.json, the metrics.json headline, report.md and the run report, in that order."""
+    from qlora_kit.artifacts import write_atomic, write_json
+
+    write_json(reports / "details.json", for_dvc(metrics))
+    write_json(reports / "metrics.json", headline(metrics))
+    write_atomic(reports / "report.md", report)
+    st.write_run_report(reports)
 
 
 class EvaluationFailed(RuntimeError):
