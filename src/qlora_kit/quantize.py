@@ -204,6 +204,22 @@ def _require_inputs(recipe: Recipe, merged: Path, processed: Path) -> None:
                         f"--recipe {recipe.name}` first")
 
 
+def _quantize_all(f16: Path, out: Path, types: list[str], gguf: Any, st: Any) -> dict[str, Any]:
+    """Every other type from the f16 file, then each file read back and its tensor types checked."""
+    files: dict[str, Any] = {}
+    for qtype in types:
+        if qtype != "f16":
+            quantize_file(f16, out / f"model-{qtype}.gguf", qtype)
+            st.lap(f"quantize_{qtype}")
+    for qtype in types:
+        info = describe(out / f"model-{qtype}.gguf", gguf)
+        info["check"] = check_types(qtype, info)
+        del info["matrices"]  # per-tensor types only matter where the check names them
+        files[qtype] = info
+    st.lap("verify")
+    return files
+
+
 def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     from qlora_kit import layout
     from qlora_kit.gguf import converter
@@ -244,17 +260,7 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
         st.facts["token_gate"] = token_gate(f16, merged, paths.processed, recipe, tok.bos)
         st.lap("token_gate")
 
-        files: dict[str, Any] = {}
-        for qtype in types:
-            if qtype != "f16":
-                quantize_file(f16, out / f"model-{qtype}.gguf", qtype)
-                st.lap(f"quantize_{qtype}")
-        for qtype in types:
-            info = describe(out / f"model-{qtype}.gguf", gguf)
-            info["check"] = check_types(qtype, info)
-            del info["matrices"]  # per-tensor types only matter where the check names them
-            files[qtype] = info
-        st.lap("verify")
+        files = _quantize_all(f16, out, types, gguf, st)
 
         report = gguf_parity(recipe, {t: out / f"model-{t}.gguf" for t in types}, rows, tok, hf_ref, f16)
         report = {"rows": len(rows), "split": split, **ref_info, "token_gate": st.facts["token_gate"], **report}
