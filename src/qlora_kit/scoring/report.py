@@ -250,16 +250,9 @@ def _environment_section(env: dict[str, Any] | None) -> list[str]:
     return L
 
 
-def render_report(recipe: Recipe, m: dict[str, Any], extras: dict[str, Any], train: dict[str, Any],
-                  gens: dict[str, list], held: list[dict], png: Path | None, *, sets: list | None = None,
-                  set_answers: dict[str, list] | None = None, judge_records: dict[str, list] | None = None,
-                  env: dict[str, Any] | None = None, reference: dict[str, Any] | None = None,
-                  reference_note: str = "") -> str:
-    sets, set_answers, judge_records = sets or [], set_answers or {}, judge_records or {}
-    L = [f"# Reproduction report: {recipe.name}", "", recipe.description, ""]
-    if recipe.source.repo:
-        L += [f"Source: `{recipe.source.repo}@{recipe.source.commit}`", ""]
-    L += _expected_section(recipe, m)
+def _learning_section(m: dict[str, Any]) -> list[str]:
+    """Validation loss before and after training."""
+    L: list[str] = []
     L += ["## Did it learn?", "",
           "| | before training (base) | after training (merged) |", "|---|---|---|",
           f"| val loss (completion tokens, nats) | {_f(m['val_loss_before'])} | {_f(m['val_loss_after'])} |",
@@ -267,6 +260,12 @@ def render_report(recipe: Recipe, m: dict[str, Any], extras: dict[str, Any], tra
           f"Rows measured: {m['val_rows']} ({m['eval_split']}). Loss falls by "
           f"{_f(m['val_loss_before'] - m['val_loss_after'], 3)} nats/token "
           f"({100 * (1 - m['val_loss_after'] / m['val_loss_before']):.1f} %).", ""]
+    return L
+
+
+def _artifacts_section(recipe: Recipe, m: dict[str, Any], extras: dict[str, Any]) -> list[str]:
+    """HF vs every GGUF, and the merge parity check."""
+    L: list[str] = []
     L += ["## Artifacts agree", "",
           "| model | val loss | EOS before max_new_tokens | exact match | answer tokens (mean / max) |",
           "|---|---|---|---|---|",
@@ -287,9 +286,13 @@ def render_report(recipe: Recipe, m: dict[str, Any], extras: dict[str, Any], tra
             L += [f"Merge parity (merged vs base+adapter, {p['rows']} rows, base `{p['base']}`): max relative logit "
                   f"error {p['max_rel_error']:.2e}, mean {p['mean_rel_error']:.2e}, top-1 agreement "
                   f"{p['top1_agreement']:.1%} (threshold {p['threshold']}).", ""]
-    L += _parity_section(extras)
-    L += _judge_section(m)
-    L += _benchmark_section(m, recipe)
+    return L
+
+
+def _training_section(recipe: Recipe, train: dict[str, Any], png: Path | None, reference: dict[str, Any] | None,
+                      reference_note: str) -> list[str]:
+    """The train run's figures, the source's curve, the loss plot."""
+    L: list[str] = []
     L += ["## Training", ""]
     d = train.get("derived", {})
     if d:
@@ -310,11 +313,23 @@ def render_report(recipe: Recipe, m: dict[str, Any], extras: dict[str, Any], tra
     if png is not None:
         b64 = base64.b64encode(png.read_bytes()).decode()
         L += ["![loss curve](data:image/png;base64," + b64 + ")", ""]
+    return L
+
+
+def _data_section(extras: dict[str, Any]) -> list[str]:
+    """What preprocess kept and dropped."""
+    L: list[str] = []
     if "data_report.json" in extras:
         dr = extras["data_report.json"]
         L += ["## Data", "", f"Rows in {dr['rows_in']}, kept {dr['kept']} (train {dr['kept_by_split'].get('train')}, "
               f"val {dr['kept_by_split'].get('val')}), dropped {dr['dropped']} "
               f"{json.dumps(dr['dropped_by_reason'], ensure_ascii=False)}, truncated {dr['truncated']}.", ""]
+    return L
+
+
+def _samples_section(gens: dict[str, list], held: list[dict]) -> list[str]:
+    """The first held-out prompts with every model's answer."""
+    L: list[str] = []
     L += ["## Sample generations", "", "| instruction | reference | HF | " +
           " | ".join(k for k in gens if k != "hf") + " |", "|---|---|---|" + "---|" * (len(gens) - 1)]
     for i, r in enumerate(held[:8]):
@@ -322,6 +337,12 @@ def render_report(recipe: Recipe, m: dict[str, Any], extras: dict[str, Any], tra
         outs = " | ".join(_cell(v[i]["text"]) for v in gens.values())
         L.append(f"| {_cell(ins)} | {_cell(r['output'])} | {outs} |")
     L.append("")
+    return L
+
+
+def _prompt_sets_section(sets: list, m: dict[str, Any], set_answers: dict[str, list], judge_records: dict[str, list]) -> list[str]:
+    """The source's prompt sets: status, first answers, verdicts."""
+    L: list[str] = []
     if sets:
         L += ["## Prompt sets", "", "| prompt set | origin | judge | prompts | status |", "|---|---|---|---:|---|"]
         for s in sets:
@@ -341,5 +362,27 @@ def render_report(recipe: Recipe, m: dict[str, Any], extras: dict[str, Any], tra
                 verdict = r.get("score", r.get("points", "-"))
                 L.append(f"| {_cell(s.rows[i]['instruction'])} | {_cell(a['text'])} | {verdict} |")
             L.append("")
+
+    return L
+
+def render_report(recipe: Recipe, m: dict[str, Any], extras: dict[str, Any], train: dict[str, Any],
+                  gens: dict[str, list], held: list[dict], png: Path | None, *, sets: list | None = None,
+                  set_answers: dict[str, list] | None = None, judge_records: dict[str, list] | None = None,
+                  env: dict[str, Any] | None = None, reference: dict[str, Any] | None = None,
+                  reference_note: str = "") -> str:
+    sets, set_answers, judge_records = sets or [], set_answers or {}, judge_records or {}
+    L = [f"# Reproduction report: {recipe.name}", "", recipe.description, ""]
+    if recipe.source.repo:
+        L += [f"Source: `{recipe.source.repo}@{recipe.source.commit}`", ""]
+    L += _expected_section(recipe, m)
+    L += _learning_section(m)
+    L += _artifacts_section(recipe, m, extras)
+    L += _parity_section(extras)
+    L += _judge_section(m)
+    L += _benchmark_section(m, recipe)
+    L += _training_section(recipe, train, png, reference, reference_note)
+    L += _data_section(extras)
+    L += _samples_section(gens, held)
+    L += _prompt_sets_section(sets, m, set_answers, judge_records)
     L += _environment_section(env)
     return "\n".join(L)
