@@ -11,19 +11,22 @@ def _yaml_scalar(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid YAML scalar
 
 
-def model_card(recipe: Recipe, ids: dict[str, Any], parity: dict[str, Any], adapter: Adapter,
-               base_facts: dict[str, Any], train_facts: dict[str, Any]) -> str:
-    """README.md: Hub metadata (front matter) and what a user needs to reproduce and prompt it."""
-    from qlora_kit.text.templates import render_inference
-
-    m, d, src, tpl = recipe.model, recipe.data, recipe.source, recipe.template
+def _front_matter(recipe: Recipe) -> list[str]:
+    """Hub metadata: base model, data sets, licence, tags."""
+    m, d = recipe.model, recipe.data
     datasets = [d.hub_dataset] if d.source == "hub" and d.hub_dataset else []
     tags = ["qlora-kit", "qlora", "lora", "merged", m.arch.replace("_", "-"), recipe.name]
     front = ["---", f"base_model: {_yaml_scalar(m.name)}", "datasets:" + ("" if datasets else " []")]
     front += [f"- {_yaml_scalar(x)}" for x in datasets]
     front += [f"license: {_yaml_scalar(recipe.merge.license or 'other')}", "library_name: transformers",
               "pipeline_tag: text-generation", "tags:"] + [f"- {_yaml_scalar(t)}" for t in tags] + ["---", ""]
+    return front
 
+
+def _provenance(recipe: Recipe, parity: dict[str, Any], adapter: Adapter, base_facts: dict[str, Any],
+                train_facts: dict[str, Any]) -> list[str]:
+    """Where the weights came from: source, base, data, training, merge and its parity check."""
+    m, d, src = recipe.model, recipe.data, recipe.source
     t = adapter.config.get("target_modules") or []
     # peft stores `all-linear` expanded to full module paths: name the module kinds
     targets = ", ".join(sorted({x.rsplit(".", 1)[-1] for x in t})) if isinstance(t, list) else str(t)
@@ -65,9 +68,17 @@ def model_card(recipe: Recipe, ids: dict[str, Any], parity: dict[str, Any], adap
               f"(threshold {recipe.merge.max_rel_error})" if logits.get("checked") else
               f"logits not compared ({logits.get('skipped', 'n/a')})"), ""]
 
+    return L
+
+
+def _prompt_format(recipe: Recipe, ids: dict[str, Any]) -> list[str]:
+    """The inference prompt the chat template renders, and the special tokens."""
+    from qlora_kit.text.templates import render_inference
+
+    tpl = recipe.template
     example = {"instruction": "<instruction>", "input": "", "output": ""}
     prompt = render_inference(tpl, example, bos=ids["bos"], eos=ids["eos"])
-    L += ["## Prompt format", "",
+    return ["## Prompt format", "",
           "The tokenizer's chat template renders exactly the recipe's inference prompt (the one the source "
           "prompted with; `qlora-kit render --recipe " + recipe.name + "` shows it per row). The first user message "
           "is the instruction, an optional second user message the Alpaca input (only `role` and `content`, as "
@@ -78,7 +89,11 @@ def model_card(recipe: Recipe, ids: dict[str, Any], parity: dict[str, Any], adap
           "```", (ids["bos"] if ids["add_bos"] else "") + prompt, "```", "",
           f"EOS: `{ids['eos']}` (id {ids['eos_id']}); pad id {ids['pad_id']}"
           + (f"; BOS `{ids['bos']}` (id {ids['bos_id']})" if ids["add_bos"] else "; no BOS") + ".", ""]
-    L += ["## Quirks in force", ""]
+
+
+def _quirks_section(recipe: Recipe) -> list[str]:
+    """The recipe's quirks and whether each is reproduced or fixed."""
+    L = ["## Quirks in force", ""]
     if recipe.quirks:
         L += ["Where the source's code did something its README did not say, the recipe reproduces the code "
               "and names the difference; `fix: true` switches to the corrected behaviour.", "",
@@ -90,4 +105,12 @@ def model_card(recipe: Recipe, ids: dict[str, Any], parity: dict[str, Any], adap
     else:
         L.append("None: this recipe reproduces no source.")
     L.append("")
-    return "\n".join(front + L)
+    return L
+
+
+def model_card(recipe: Recipe, ids: dict[str, Any], parity: dict[str, Any], adapter: Adapter,
+               base_facts: dict[str, Any], train_facts: dict[str, Any]) -> str:
+    """README.md: Hub metadata (front matter) and what a user needs to reproduce and prompt it."""
+    L = _provenance(recipe, parity, adapter, base_facts, train_facts)
+    L += _prompt_format(recipe, ids) + _quirks_section(recipe)
+    return "\n".join(_front_matter(recipe) + L)
