@@ -17,6 +17,17 @@ from qlora_kit.judge.parse import KomtJudgment, PairJudgment, summarise_komt, ta
 MIRROR_ENV = "QLORA_KIT_SHARED_DATA"
 
 
+
+def _check_fields(where: str, row: Any, required: tuple[str, ...], text_field: str) -> None:
+    """A recorded judgement row: an object with every required field, its reply text a string."""
+    if not isinstance(row, dict):
+        raise ReplayInputError(f"{where}: not an object")
+    for name in required:
+        if name not in row:
+            raise ReplayInputError(f"{where}: field {name!r} missing")
+    if not isinstance(row[text_field], str):
+        raise ReplayInputError(f"{where}: field {text_field!r} is not a string")
+
 def default_data_dir() -> Path | None:
     return Path(os.environ[MIRROR_ENV]) if os.environ.get(MIRROR_ENV) else None
 
@@ -53,13 +64,7 @@ def _load_alpagasus_reviews(path: Path) -> dict[Any, tuple[str, list[float]]]:
     out: dict[Any, tuple[str, list[float]]] = {}
     for index, row in enumerate(rows):
         where = f"{path}: row {index}"
-        if not isinstance(row, dict):
-            raise ReplayInputError(f"{where}: not an object")
-        for name in ("question_id", "review", "score"):
-            if name not in row:
-                raise ReplayInputError(f"{where}: field {name!r} missing")
-        if not isinstance(row["review"], str):
-            raise ReplayInputError(f"{where}: field 'review' is not a string")
+        _check_fields(where, row, ("question_id", "review", "score"), "review")
         score = row["score"]
         if not (
             isinstance(score, list)
@@ -149,13 +154,7 @@ def _load_komt_rows(path: Path) -> list[dict[str, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ReplayInputError(f"{where}: not valid JSON ({exc})") from exc
-            if not isinstance(row, dict):
-                raise ReplayInputError(f"{where}: not an object")
-            for name in ("id", "chatgpt", "score"):
-                if name not in row:
-                    raise ReplayInputError(f"{where}: field {name!r} missing")
-            if not isinstance(row["chatgpt"], str):
-                raise ReplayInputError(f"{where}: field 'chatgpt' is not a string")
+            _check_fields(where, row, ("id", "chatgpt", "score"), "chatgpt")
             score = row["score"]
             if isinstance(score, bool) or not isinstance(score, int) or not 0 <= score <= 5:
                 raise ReplayInputError(f"{where}: field 'score' is not an integer 0-5")
