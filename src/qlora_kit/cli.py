@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 return serve.run(recipe, args)
             from qlora_kit import artifacts, layout
 
+            artifacts.torch_threads()  # a bad QLORA_KIT_THREADS is refused before anything else
             p = layout.paths(recipe.name)  # a killed run's *.partial-PID folders go first
             artifacts.clear_dead_partials([p.raw.parent, p.base.parent, p.reports])
             for out in STAGE_OUTPUTS.get(args.command, ()):  # symlinked outputs: refused before any work
