@@ -128,6 +128,11 @@ def test_right_joined_chat_template_renders_what_training_rendered():
     for ins in ("", "hi  ", "질문"):
         want = render(tpl, {"instruction": ins, "input": "", "output": ""}, bos="<s>", eos="</s>").prompt
         assert jt.render(messages=[{"role": "user", "content": ins}]) == want
+        # a system message takes {system}'s place, in the empty-instruction form too
+        mine = tpl.model_copy(update={"system": "Be brief."})
+        want = render(mine, {"instruction": ins, "input": "", "output": ""}, bos="<s>", eos="</s>").prompt
+        got = jt.render(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": ins}])
+        assert got == want, (got, want)
 
 
 def test_faithful_recipes_keep_the_rows_the_sources_trained_on():

@@ -117,15 +117,16 @@ def chat_template(tpl: Template, *, bos: str, eos: str) -> str:
             out.append("{{ '" + jinja_literal(t[pos:]) + "' }}")
         return "".join(out)
 
-    def joined(t: str) -> str:  # strip: right_joined, with the head rendered here (it is constant)
+    def joined(t: str) -> str:
+        """strip: right_joined. An empty value renders the head with its trailing literal whitespace
+        cut: the same as rstrip of the rendered head wherever literal text follows the head's last
+        placeholder (llama2-koalpaca: "...{system}\n<</SYS>>\n\n"), a system message included."""
         for key, how in tpl.strip.items():
             token = "{" + key + "}"
             if how == "right_joined" and token in t:
                 head, rest = t.split(token, 1)
-                static = substitute(head, {"system": tpl.system, "bos": bos, "eos": eos, "instruction": "",
-                                           "input": "", "output": ""}).rstrip()
-                return ("{% if " + key + " %}" + piece(t) + "{% else %}{{ '" + jinja_literal(static)
-                        + "' }}" + piece(rest) + "{% endif %}")
+                return ("{% if " + key + " %}" + piece(t) + "{% else %}" + piece(head.rstrip()) + piece(rest)
+                        + "{% endif %}")
         return piece(t)
 
     method = {"both": ".strip()", "left": ".lstrip()", "right": ".rstrip()", "right_joined": ".rstrip()"}
