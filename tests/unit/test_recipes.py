@@ -191,6 +191,9 @@ def test_preprocess_on_tiny_model(name, tiny_dirs, sample):
     for ex in parts["train"] + parts["val"]:
         ids, labels, n = ex.input_ids, ex.labels, ex.prompt_len
         bos = [tok.bos_id] if r.template.add_bos else []
+        if shape["prompt_loss"]:  # joint + full loss: the whole text in one encode, no prompt count
+            assert n is None and ids == bos + tok.encode(ex.prompt + ex.completion)
+            n = len(bos + tok.encode(ex.prompt))
         assert ids[:n] == bos + tok.encode(ex.prompt), "label mask boundary drifted"
         assert ids[n:] == tok.encode(ex.prompt + ex.completion)[n - len(bos):]
         if shape["prompt_loss"]:

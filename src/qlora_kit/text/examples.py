@@ -10,6 +10,7 @@ import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from qlora_kit.config import Preprocess, Template
@@ -31,7 +32,7 @@ class Example:
     completion: str
     input_ids: list[int]
     labels: list[int]
-    prompt_len: int
+    prompt_len: int | None  # None: not counted (text.examples.counts_prompt)
     origin: str
 
     def to_json(self) -> dict[str, Any]:
@@ -56,10 +57,21 @@ class Report:
                 "truncated": self.truncated, "tokens": self.tokens}
 
 
+def counts_prompt(pp: Preprocess) -> bool:
+    """Whether the prompt is tokenized on its own: to mask it (`loss: completion`) or because the
+    text is tokenized in two parts. `joint` + `full` tokenizes the whole text once, as the
+    sources that trained on it did, and records no prompt length."""
+    return pp.tokenize == "separate" or pp.loss != "full"
+
+
 def tokenize_example(rendered_prompt: str, rendered_completion: str, tok: Tok, tpl: Template,
-                     pp: Preprocess) -> tuple[list[int], list[int], int]:
-    """ids, labels and prompt length (in tokens) for one rendered row, before length policy."""
+                     pp: Preprocess) -> tuple[list[int], list[int], int | None]:
+    """ids, labels and prompt length (in tokens; None where nothing needs it, see counts_prompt)
+    for one rendered row, before length policy."""
     bos = [tok.bos_id] if (tpl.add_bos and tok.bos_id is not None) else []
+    if not counts_prompt(pp):
+        ids = bos + tok.encode(rendered_prompt + rendered_completion)
+        return ids, _mask_pad(ids, list(ids), tok, pp), None
     prompt_ids = bos + tok.encode(rendered_prompt)
     if pp.tokenize == "separate":
         ids = prompt_ids + tok.encode(rendered_completion)
@@ -67,12 +79,18 @@ def tokenize_example(rendered_prompt: str, rendered_completion: str, tok: Tok, t
         ids = bos + tok.encode(rendered_prompt + rendered_completion)
     n_prompt = len(prompt_ids)
     labels = list(ids) if pp.loss == "full" else [IGNORE] * n_prompt + ids[n_prompt:]
+    return ids, _mask_pad(ids, labels, tok, pp), n_prompt
+
+
+def _mask_pad(ids: list[int], labels: list[int], tok: Tok, pp: Preprocess) -> list[int]:
+    """`mask_pad_in_labels`: -100 wherever the pad id stands in the ids."""
     if pp.mask_pad_in_labels:
         # DataCollatorForLanguageModeling sets labels[ids == pad] = -100; with pad == eos this
         # also masks the real EOS (llama2-koalpaca's quirk)
         pad = tok.pad_id
-        labels = [IGNORE if i == pad else lab for i, lab in zip(ids, labels)]
-    return ids, labels, n_prompt
+        if pad in ids:  # one C-speed scan; the list is rebuilt only for rows that hold the pad id
+            labels = [IGNORE if i == pad else lab for i, lab in zip(ids, labels)]
+    return labels
 
 
 UNKNOWN_TOKEN_CHARS = 64  # chars per token assumed when the tokenizer has no vocabulary to measure
@@ -159,12 +177,19 @@ def split_items(items: list, pp: Preprocess) -> tuple[list, list]:
     return [x for i, x in enumerate(items) if i not in val_idx], [x for i, x in enumerate(items) if i in val_idx]
 
 
+@lru_cache(maxsize=64)
+def _file_name(file: str) -> str:
+    return Path(file).name
+
+
 def encode_row(r: SourceRow, tok: Tok, tpl: Template, pp: Preprocess, rep: Report) -> Example | str:
     """One usable row as an Example, or the reason it is dropped (`overlength`, `no_loss_tokens`)."""
     bound = char_bound(tok, pp)
     if pp.overlength == "drop" and sum(map(len, r.fields.values())) > bound:
         return "overlength"  # cannot fit: never tokenized
-    rend = render(tpl, r.fields, bos=tok.bos, eos=tok.eos)
+    rendered = getattr(tok, "rendered", None)  # _Prepared rendered each row once already
+    rend = rendered.get(id(r)) if rendered else None
+    rend = rend or render(tpl, r.fields, bos=tok.bos, eos=tok.eos)
     ids, labels, n_prompt = tokenize_example(rend.prompt[:bound], rend.completion[:bound], tok, tpl, pp)
     ids, labels, action = length_policy(ids, labels, pp)
     if action == "drop":
@@ -174,16 +199,18 @@ def encode_row(r: SourceRow, tok: Tok, tpl: Template, pp: Preprocess, rep: Repor
     if pp.clean_rows and all(lab == IGNORE for lab in labels):
         return "no_loss_tokens"
     return Example(dict(r.fields), rend.prompt, rend.completion, ids, labels, n_prompt,
-                   f"{Path(r.file).name}:{r.line}")
+                   f"{_file_name(str(r.file))}:{r.line}")
 
 
 class _Prepared:
     """`tok` with the texts of many rows encoded up front in one batch call (`Tok.encode_many`);
-    `encode` answers from that table, so each row's ids are exactly `tok.encode`'s."""
+    `encode` answers from that table, so each row's ids are exactly `tok.encode`'s. `rendered`
+    holds each row's rendering (by the row object's id) so that encode_row does not render twice."""
 
-    def __init__(self, tok: Tok, texts: list[str]):
+    def __init__(self, tok: Tok, texts: list[str], rendered: dict[int, Any]):
         self._tok = tok
         self._ids = dict(zip(texts, tok.encode_many(texts)))
+        self.rendered = rendered
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._tok, name)
@@ -199,11 +226,12 @@ def _prepare(rows: list[SourceRow], tok: Tok, tpl: Template, pp: Preprocess) -> 
         return tok
     bound = char_bound(tok, pp)
     texts: list[str] = []
+    rendered: dict[int, Any] = {}
     for r in rows:
-        rend = render(tpl, r.fields, bos=tok.bos, eos=tok.eos)
+        rendered[id(r)] = rend = render(tpl, r.fields, bos=tok.bos, eos=tok.eos)
         p, c = rend.prompt[:bound], rend.completion[:bound]
-        texts += [p, c] if pp.tokenize == "separate" else [p, p + c]
-    return _Prepared(tok, texts)
+        texts += [p, c] if pp.tokenize == "separate" else [p, p + c] if counts_prompt(pp) else [p + c]
+    return _Prepared(tok, texts, rendered)
 
 
 def build(rows: list[SourceRow], tok: Tok, tpl: Template, pp: Preprocess
@@ -231,7 +259,7 @@ def build(rows: list[SourceRow], tok: Tok, tpl: Template, pp: Preprocess
     rep.kept = {k: len(v) for k, v in parts.items()}
     rep.tokens = {
         k: sum(len(e.input_ids) for e in v) for k, v in parts.items()
-    } | {f"{k}_loss": sum(lab != IGNORE for e in v for lab in e.labels) for k, v in parts.items()}
+    } | {f"{k}_loss": sum(len(e.labels) - e.labels.count(IGNORE) for e in v) for k, v in parts.items()}
     return parts, rep
 
 

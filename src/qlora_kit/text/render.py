@@ -109,6 +109,9 @@ def loss_view(recipe: Recipe, prompt: str, completion: str, tok: Any) -> dict[st
 
     pp = recipe.preprocess
     ids, labels, n_prompt = tokenize_example(prompt, completion, tok, recipe.template, pp)
+    if n_prompt is None:  # preprocess does not count it (joint + full loss); the view shows it
+        n_prompt = len(([tok.bos_id] if recipe.template.add_bos and tok.bos_id is not None else [])
+                       + tok.encode(prompt))
     counted = counted_length(ids, pp)
     kept_ids, kept_labels, action = length_policy(ids, labels, pp)
     if action != "drop":  # show what preprocess writes; a dropped row is shown whole

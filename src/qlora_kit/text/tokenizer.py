@@ -106,8 +106,11 @@ def fast_encoder(file: Path) -> tuple[Callable[[str], list[int]], Callable[[list
         backend = Tokenizer.from_file(str(file))
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
         raise DataError(f"{file}: not a readable tokenizer.json ({str(e).splitlines()[0][:200]})") from e
+    # encode_batch_fast: the same ids as encode_batch, without computing character offsets
+    # (the kit never reads them); a quarter less CPU time on a batch
+    batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
     return (lambda text: backend.encode(text, add_special_tokens=False).ids,
-            lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)])
+            lambda texts: [e.ids for e in batch(texts, add_special_tokens=False)])
 
 
 def check_files_agree(tokenizer_json: Path, tokenizer_model: Path) -> None:
