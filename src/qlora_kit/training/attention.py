@@ -5,7 +5,9 @@ With sdpa, transformers detects that layout and builds a block-diagonal L x L ma
 row, so attention costs O(L^2) in the row length even though only the diagonal blocks are used.
 `per_example` instead splits q/k/v at the example boundaries and runs causal
 `scaled_dot_product_attention` on each example alone: sum of l_i^2 over the examples, and no
-L x L mask is ever built (its mask function returns no mask for an unpadded batch).
+L x L mask is ever built (its mask function returns no mask for an unpadded batch). Forward +
+backward of 64 packed examples of 40..256 tokens on a hidden-512, 4-layer Llama, one CPU thread:
+0.39x the CPU time of block_mask.
 
 `train.packed_attention` picks the kernel (`resolve` documents `auto`):
 
