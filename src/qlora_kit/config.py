@@ -181,6 +181,11 @@ class Train(_Section):
     save_steps: int = Field(0, ge=0)  # checkpoint cadence; 0: none
     group_by_length: bool = False
     packing: bool = False
+    # attention over packed rows (packing: true only): per_example runs causal attention on each
+    # example alone (cost: sum of the examples' squared lengths); block_mask is the model's sdpa
+    # with a block-diagonal mask over the whole row (squared row length); flash_attention_2 is the
+    # flash-attn varlen kernel (CUDA). auto: flash_attention_2 on CUDA when installed, else per_example
+    packed_attention: Literal["auto", "per_example", "block_mask", "flash_attention_2"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

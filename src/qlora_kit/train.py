@@ -16,7 +16,9 @@ epoch, total steps, warmup steps, trainable parameters, tokens per step.
 
 Batching: each micro-batch is right-padded to its own longest example (`Collator`), never to the
 cutoff. `train.packing: true` makes it padding-free (`PaddingFreeCollator`): the same examples per
-step, side by side in one row, kept apart by position_ids (checked on the model before step 0).
+step, side by side in one row, kept apart by position_ids (checked on the model before step 0),
+with attention computed per example (`train.packed_attention`, training/attention.py; the kernel
+used is recorded as derived.packed_attention).
 bench/train_throughput.py measures both against the sources' pad-to-cutoff batches.
 
 Several processes (GPUs, or CPU processes with gloo):
@@ -40,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from qlora_kit.config import Recipe
-from qlora_kit.training.collate import Collator, PaddingFreeCollator, check_padding_free
+from qlora_kit.training.attention import packed_collator, use_packed_attention
+from qlora_kit.training.collate import Collator, check_padding_free
 from qlora_kit.training.checkpoints import (csv_logger, log_last_step, mean_logged_loss, resume_point, run_key,
                                             write_logs)
 from qlora_kit.training.launch import relaunch, fsdp_enabled, rank_batch
@@ -329,8 +332,11 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
     model = peft_model(recipe, paths.base, device)
     derived, fallbacks = describe_run(recipe, model, train_rows, world, device)
     st.facts.update(derived=derived, fallbacks=fallbacks)
+    collator = Collator(tok.pad_id)
     if t.packing:  # packed logits == separate logits, checked on this model before step 0
-        derived["padding_free_check_rel_diff"] = check_padding_free(model, train_rows)
+        derived["packed_attention"] = use_packed_attention(model, device, t.packed_attention, fallbacks)
+        collator = packed_collator(derived["packed_attention"])
+        derived["padding_free_check_rel_diff"] = check_padding_free(model, train_rows, collator=collator)
     key = run_key(recipe, data_hash, world, threads)
     ckpt_dir = paths.checkpoints / key
     paths.checkpoints.mkdir(parents=True, exist_ok=True)  # a DVC out (persist) even with no checkpoints
@@ -343,7 +349,7 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
     logger = live_logger(log_csv) if rank == 0 else None
     trainer = Trainer(model=model, args=training_args(recipe, ckpt_dir, derived, dist, bool(val_rows)),
                       train_dataset=train_rows, eval_dataset=val_rows or None,
-                      data_collator=PaddingFreeCollator() if t.packing else Collator(tok.pad_id),
+                      data_collator=collator,
                       callbacks=[log_last_step()] + ([logger] if logger else []))
     st.lap("load")
     trainer.train(resume_from_checkpoint=last)

@@ -34,18 +34,27 @@ class PaddingFreeCollator:
     it from the previous example's last token. Given position_ids and no attention mask,
     transformers' masking_utils (`find_packed_sequence_indices`) builds a block-diagonal causal
     mask for the sdpa/eager attention paths too, so no example attends to another; that is why
-    this works on the CPU as well as with flash-attention. `check_padding_free` verifies it on the
+    this works on the CPU as well as with flash-attention; that mask is L x L in the row length,
+    so the train stage normally replaces it with a per-example kernel (training/attention.py), for
+    which `boundaries=True` adds the examples' offsets. `check_padding_free` verifies it on the
     actual model before training. The loss-bearing labels are exactly those of the padded batch.
     """
+
+    def __init__(self, boundaries: bool = False):
+        # boundaries: also emit cu_seq_lens_q/k and max_length_q/k (the examples' offsets in the
+        # row), which the model passes on to a varlen attention kernel (training/attention.py)
+        self.boundaries = boundaries
 
     def __call__(self, feats: list[dict[str, Any]]) -> dict[str, Any]:
         from transformers import DataCollatorWithFlattening
 
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)(
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100,
+                                          return_flash_attn_kwargs=self.boundaries)(
             [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in feats])
 
 
-def check_padding_free(model, rows: list[dict[str, Any]], n_tokens: int = 24) -> float:
+def check_padding_free(model, rows: list[dict[str, Any]], n_tokens: int = 24,
+                       collator: PaddingFreeCollator | None = None) -> float:
     """Logits of two examples packed in one row vs each alone; raise if they differ.
 
     A model class whose attention does not honour the packed layout would let the second
@@ -54,7 +63,7 @@ def check_padding_free(model, rows: list[dict[str, Any]], n_tokens: int = 24) ->
     also catches `config.use_cache: true`: transformers only builds the packed mask when no cache
     is passed, and a model that makes its own DynamicCache attends across examples (`load_base`
     turns the cache off). Returns the largest difference relative to the logits' spread (recorded
-    in the manifest).
+    in the manifest). The packed row is built by `collator` (the one training uses).
     """
     import torch
 
@@ -74,8 +83,10 @@ def check_padding_free(model, rows: list[dict[str, Any]], n_tokens: int = 24) ->
     try:
         with torch.no_grad():
             alone = [model(input_ids=torch.tensor([x], device=device)).logits[0].float() for x in (a, b)]
-            pos = torch.tensor([list(range(len(a))) + list(range(len(b)))], device=device)
-            packed = model(input_ids=torch.tensor([a + b], device=device), position_ids=pos).logits[0].float()
+            batch = (collator or PaddingFreeCollator())([{"input_ids": x, "labels": x} for x in (a, b)])
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                     for k, v in batch.items() if k != "labels"}
+            packed = model(**batch).logits[0].float()
     finally:
         model.train(was_training)
     ref = torch.cat(alone)
