@@ -2,8 +2,10 @@
 
 HF models generate `eval.generation_batch_size` prompts at a time: prompts sorted by length,
 left-padded with the pad id under an attention mask (position ids follow the mask), each row
-stopping at EOS; results come back in the prompts' order. In fp32, greedy batched output equals
-one-at-a-time output token for token. A GGUF generates in one llama.cpp context, one prompt after
+stopping at EOS; results come back in the prompts' order. In fp32 the greedy batched output
+equals the one-at-a-time output token for token on the kit's tiny models (tests/stages/
+test_generation.py); other kernels or dtypes could flip a near-tie, and `generation_batch_size: 1`
+is the one-at-a-time path. A GGUF generates in one llama.cpp context, one prompt after
 another: the tokens a prompt shares with what the context already holds (the template header every
 prompt starts with) stay evaluated and only the rest is decoded; greedy output equals a
 from-scratch run of each prompt.
