@@ -233,7 +233,8 @@ def _gguf_phase(recipe: Recipe, gguf_dir: Path, tok: Any, val: list, prompts: li
     for f in sorted(gguf_dir.glob("model-*.gguf")):
         qtype = f.stem.removeprefix("model-")
         n_ctx = max([512] + [len(r["input_ids"]) + recipe.eval.max_new_tokens + 8 for r in val])
-        with open_gguf(f, n_ctx=n_ctx, logits_all=True, seed=0, n_threads=threads) as llm:
+        # n_threads_batch too: llama-cpp-python would decode prompts on every core otherwise
+        with open_gguf(f, n_ctx=n_ctx, logits_all=True, seed=0, n_threads=threads, n_threads_batch=threads) as llm:
             loss = gguf_completion_loss(llm, val)
             gens[f"gguf-{qtype}"] = _timed(times, f"gguf-{qtype}", len(prompts), gguf_generate, llm, tok, recipe,
                                            prompts)
