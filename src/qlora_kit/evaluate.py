@@ -327,8 +327,7 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
     tok = load_tokenizer(paths.merged, recipe.template, trust_remote_code=recipe.model.trust_remote_code)
     prompts, refs = [prompt_ids(recipe, tok, r) for r in held], [r["output"] for r in held]
     metrics: dict[str, Any] = {"val_rows": len(val), "eval_split": split, "prompts": len(held)}
-    gens: dict[str, list] = {}  # per model: the generations on the held-out prompts
-    times: dict[str, Any] = st.volatile.setdefault("generation", {})  # run report only: timings vary
+    gens, times = {}, st.volatile.setdefault("generation", {})  # per model: held-out generations, their timings
     merged = _hf_phase(recipe, paths, tok, val, prompts, refs, metrics, gens, times)
     st.lap("hf")
     set_answers, set_metrics = _answer_sets(recipe, sets, merged, tok, endpoint.configured, times)

@@ -1,5 +1,5 @@
 """scoring/generation: batched HF generation equals one-at-a-time generation token for token
-(greedy, fp32, with and without a repetition penalty), sampled batches are reproducible, and a
+(greedy, fp32, Llama and GPT-NeoX, with and without a repetition penalty), sampled batches are reproducible, and a
 GGUF context that keeps the shared prompt prefix generates exactly what from-scratch decoding
 generates, while decoding fewer prompt tokens.
 
@@ -20,23 +20,24 @@ def _prompts(recipe, tok, rows, n: int = 11) -> list[list[int]]:
     return prompts
 
 
-@pytest.fixture(scope="module")
-def hf(tiny_llama):
+@pytest.fixture(scope="module", params=["tiny_llama", "tiny_neox"])
+def hf(request):
     import torch
     from transformers import AutoModelForCausalLM
 
     from qlora_kit.text.tokenizer import load_tokenizer
 
-    recipe = load_recipe("tiny", {"eval.max_new_tokens": 12})
-    tok = load_tokenizer(tiny_llama, recipe.template)
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
-    return recipe, tok, model
+    folder = request.getfixturevalue(request.param)
+    base = {"eval.max_new_tokens": 12, "template.add_bos": request.param == "tiny_llama"}  # NeoX: no BOS
+    tok = load_tokenizer(folder, load_recipe("tiny", base).template)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    return base, tok, model
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
 def test_batched_hf_generation_equals_one_at_a_time(hf, sample_rows, penalty):
-    recipe, tok, model = hf
-    recipe = load_recipe("tiny", {"eval.max_new_tokens": 12, "eval.repetition_penalty": penalty})
+    base, tok, model = hf
+    recipe = load_recipe("tiny", {**base, "eval.repetition_penalty": penalty})
     prompts = _prompts(recipe, tok, sample_rows)
     one = hf_generate_ids(model, tok, recipe, prompts, batch_size=1)
     for bs in (3, 8, len(prompts)):
@@ -48,8 +49,8 @@ def test_batched_hf_generation_equals_one_at_a_time(hf, sample_rows, penalty):
 def test_sampled_batches_are_seeded_and_reproducible(hf, sample_rows):
     import torch
 
-    _, tok, model = hf
-    recipe = load_recipe("tiny", {"eval.max_new_tokens": 12, "eval.do_sample": True, "eval.temperature": 1.5})
+    base, tok, model = hf
+    recipe = load_recipe("tiny", {**base, "eval.do_sample": True, "eval.temperature": 1.5})
     prompts = _prompts(recipe, tok, sample_rows)
     runs = []
     for _ in range(2):
