@@ -1,7 +1,7 @@
 """Generation throughput: seconds per 100 prompts of the evaluate stage's generations, one prompt
 at a time (HF) / from scratch (GGUF) against batched (HF) / prefix reuse (GGUF).
 
-    .venv/bin/python bench/generation_throughput.py            # the tiny recipe, ~3 min on 2 cores
+    .venv/bin/python bench/generation_throughput.py            # the tiny recipe, ~2 min on 2 cores
     .venv/bin/python bench/generation_throughput.py --quick    # smoke: a 3-step model, f16, 1 repeat
 
 Builds the tiny recipe's merged model and GGUFs with the kit's own stages (fetch, preprocess,
