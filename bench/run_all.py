@@ -23,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 BENCHES = {
     "train_throughput": ("train_throughput.py", [], ["--quick"]),
     "preprocess_throughput": ("preprocess_throughput.py", [], ["--quick"]),
+    "generation_throughput": ("generation_throughput.py", [], ["--quick"]),
     "gguf_export": ("gguf_export.py", ["--no-lazy"], ["--quick"]),
     "merge_memory": ("merge_memory.py", [], ["--layers", "2", "--no-readme"]),
     "gpu_throughput": ("gpu_throughput.py", [], ["--dry-run"]),

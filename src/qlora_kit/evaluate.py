@@ -24,6 +24,10 @@ Writes `reports/NAME/metrics.json` (the numbers-only headline for `dvc metrics s
 `details.json` (every number and short status word), `report.md` (with the loss curve as an
 embedded PNG) and `reports/NAME/evaluate/` (generations, prompt-set answers and judgements,
 lm-eval results, plot, manifest). Torch and llama.cpp use QLORA_KIT_THREADS threads (default 1).
+HF generations run `eval.generation_batch_size` prompts at a time; each GGUF generates in the one
+llama.cpp context its loss was measured in, keeping the prompt prefix the context already holds
+(scoring/generation.py). Generation time per 100 prompts (wall and CPU, per model and prompt set)
+goes to the run report `reports/NAME/evaluate_run.json` under `generation`, never into the metrics.
 A judged set whose judge failed, or whose judge replies mostly did not parse (judge/live.py,
 MAX_UNPARSED), has status `failed`: the reports are still written, and the stage exits 1.
 """
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +65,17 @@ def prompt_set_answers(recipe: Recipe, model, tok, rows: list[dict[str, Any]]) -
     prompts = [prompt_ids(recipe, tok, {"instruction": r["instruction"], "input": r.get("input", "")})
                for r in rows]
     return hf_generate(model, tok, recipe, prompts)
+
+
+def _timed(times: dict[str, Any], label: str, n: int, fn: Any, *args: Any) -> Any:
+    """fn(*args), with its wall and CPU seconds per 100 of its n prompts in `times[label]` (the
+    run report's volatile generation timings)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn(*args)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    times[label] = {"prompts": n, "s_per_100_prompts": round(100 * wall / max(n, 1), 3),
+                    "cpu_s_per_100_prompts": round(100 * cpu / max(n, 1), 3)}
+    return out
 
 
 def judge_prompt_sets(sets: list, answers: dict[str, list[dict[str, Any]]], endpoint, cache_path: Path,
@@ -163,7 +179,7 @@ def _eval_rows(processed: Path, e: Any) -> tuple[list[dict[str, Any]], str]:
 
 
 def _hf_phase(recipe: Recipe, paths: Any, tok: Any, val: list, prompts: list, refs: list,
-              metrics: dict[str, Any], gens: dict[str, list]) -> Any:
+              metrics: dict[str, Any], gens: dict[str, list], times: dict[str, Any]) -> Any:
     """Validation loss of the base and the merged model, the merged model's generations; returns
     the merged model (the prompt sets are answered with it next)."""
     import torch
@@ -178,13 +194,13 @@ def _hf_phase(recipe: Recipe, paths: Any, tok: Any, val: list, prompts: list, re
     metrics["val_loss_after"] = hf_completion_loss(merged, val)
     for k in ("before", "after"):
         metrics[f"val_ppl_{k}"] = math.exp(min(metrics[f"val_loss_{k}"], 50))
-    gens["hf"] = hf_generate(merged, tok, recipe, prompts)
+    gens["hf"] = _timed(times, "hf", len(prompts), hf_generate, merged, tok, recipe, prompts)
     metrics["hf"] = summarize(gens["hf"], refs)
     return merged
 
 
-def _answer_sets(recipe: Recipe, sets: list, merged: Any, tok: Any, judge_configured: bool
-                 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+def _answer_sets(recipe: Recipe, sets: list, merged: Any, tok: Any, judge_configured: bool,
+                 times: dict[str, Any]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
     """The prompt sets the source evaluated on, answered by the merged model with the source's
     generation settings (eval.*). Judged sets are answered only when their judge can run."""
     limit = recipe.eval.prompt_set_limit or None
@@ -197,7 +213,8 @@ def _answer_sets(recipe: Recipe, sets: list, merged: Any, tok: Any, judge_config
         if s.spec.judge != "none" and not judge_configured:
             set_metrics[s.name] = {"status": "not answered: judge not configured", "prompts": len(s.rows)}
             continue
-        answers = prompt_set_answers(recipe, merged, tok, s.rows[:limit])
+        rows = s.rows[:limit]
+        answers = _timed(times, f"prompt_set-{s.name}", len(rows), prompt_set_answers, recipe, merged, tok, rows)
         set_answers[s.name] = answers
         lens = [a["tokens"] for a in answers] or [0]
         set_metrics[s.name] = {"status": "ok", "prompts": len(s.rows), "answered": len(answers),
@@ -207,17 +224,20 @@ def _answer_sets(recipe: Recipe, sets: list, merged: Any, tok: Any, judge_config
 
 
 def _gguf_phase(recipe: Recipe, gguf_dir: Path, tok: Any, val: list, prompts: list, refs: list,
-                threads: int, gens: dict[str, list]) -> dict[str, Any]:
-    """Validation loss and generations of every GGUF."""
+                threads: int, gens: dict[str, list], times: dict[str, Any]) -> dict[str, Any]:
+    """Validation loss and generations of every GGUF, in one llama.cpp context per GGUF (the
+    generations reuse the prompt prefix the context already holds)."""
     from qlora_kit.gguf.runtime import open_gguf
 
     out: dict[str, Any] = {}
     for f in sorted(gguf_dir.glob("model-*.gguf")):
         qtype = f.stem.removeprefix("model-")
         n_ctx = max([512] + [len(r["input_ids"]) + recipe.eval.max_new_tokens + 8 for r in val])
-        with open_gguf(f, n_ctx=n_ctx, logits_all=True, seed=0, n_threads=threads) as llm:
+        # n_threads_batch too: llama-cpp-python would decode prompts on every core otherwise
+        with open_gguf(f, n_ctx=n_ctx, logits_all=True, seed=0, n_threads=threads, n_threads_batch=threads) as llm:
             loss = gguf_completion_loss(llm, val)
-            gens[f"gguf-{qtype}"] = gguf_generate(llm, tok, recipe, prompts)
+            gens[f"gguf-{qtype}"] = _timed(times, f"gguf-{qtype}", len(prompts), gguf_generate, llm, tok, recipe,
+                                           prompts)
         out[qtype] = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), **summarize(gens[f"gguf-{qtype}"], refs)}
     return out
 
@@ -307,16 +327,16 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
     tok = load_tokenizer(paths.merged, recipe.template, trust_remote_code=recipe.model.trust_remote_code)
     prompts, refs = [prompt_ids(recipe, tok, r) for r in held], [r["output"] for r in held]
     metrics: dict[str, Any] = {"val_rows": len(val), "eval_split": split, "prompts": len(held)}
-    gens: dict[str, list] = {}  # per model: the generations on the held-out prompts
-    merged = _hf_phase(recipe, paths, tok, val, prompts, refs, metrics, gens)
+    gens, times = {}, st.volatile.setdefault("generation", {})  # per model: held-out generations, their timings
+    merged = _hf_phase(recipe, paths, tok, val, prompts, refs, metrics, gens, times)
     st.lap("hf")
-    set_answers, set_metrics = _answer_sets(recipe, sets, merged, tok, endpoint.configured)
+    set_answers, set_metrics = _answer_sets(recipe, sets, merged, tok, endpoint.configured, times)
     del merged
     st.lap("prompt_sets")
     judge_metrics, judge_records = judge_prompt_sets(sets, set_answers, endpoint,
                                                      paths.reports / "judge_cache.jsonl")
     st.lap("judge")
-    metrics["gguf"] = _gguf_phase(recipe, paths.gguf, tok, val, prompts, refs, threads, gens)
+    metrics["gguf"] = _gguf_phase(recipe, paths.gguf, tok, val, prompts, refs, threads, gens, times)
     st.lap("gguf")
     extras = _stage_reports(paths.reports, metrics["gguf"])
     metrics["benchmarks"], bench_full = _benchmarks(recipe, paths.merged)

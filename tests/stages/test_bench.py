@@ -121,6 +121,23 @@ def test_gguf_export_quick(tmp_path, tiny_llama):
     assert not list(tmp_path.glob("qlora-kit-bench-gguf-*"))  # the work folder is removed
 
 
+def test_generation_throughput_quick(tmp_path):
+    from qlora_kit.gguf.converter import ConverterError, locate
+
+    try:
+        locate()
+    except ConverterError as e:
+        pytest.skip(str(e))
+    out = tmp_path / "gen.json"
+    run_script("generation_throughput.py", "--quick", "--workdir", str(tmp_path), "--out", str(out))
+    res = json.loads(out.read_text())
+    assert set(res["results"]) == {"hf", "gguf-f16"}
+    assert res["prompts"]["held_out"] * res["prompts"]["passes"] >= 16
+    for r in res["results"].values():
+        assert r["identical_outputs"] and r["ratio_wall"] > 0 and r["ratio_cpu"] > 0
+        assert r["old_s_per_100"] > 0 and r["new_s_per_100"] > 0 and len(r["runs"]) == 1
+
+
 def test_run_all_rejects_unknown_names():
     p = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--only", "nope"], capture_output=True, text=True)
     assert p.returncode == 2 and "unknown benchmarks" in p.stderr

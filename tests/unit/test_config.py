@@ -98,3 +98,11 @@ def test_old_quant_section_names_the_rename(tmp_path):
     line = text.splitlines().index("quant:") + 1
     with pytest.raises(RecipeError, match=rf"old.yaml:{line}: quant: this section is now called qlora:"):
         load_recipe(str(path))
+
+
+def test_generation_batch_size_default_and_range():
+    assert load_recipe("tiny").eval.generation_batch_size == 8
+    assert load_recipe("tiny", parse_overrides(["eval.generation_batch_size=1"])).eval.generation_batch_size == 1
+    for bad in ("0", "-2", "257", "eight"):
+        with pytest.raises(RecipeError, match="eval.generation_batch_size"):
+            load_recipe("tiny", parse_overrides([f"eval.generation_batch_size={bad}"]))
