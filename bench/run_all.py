@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 
 # name: (script, full-run args, quick args). merge_memory writes bench/README.md itself.
 BENCHES = {
-    "train_throughput": ("train_throughput.py", [], ["--quick"]),
+    "train_peers": ("train_peers.py", [], ["--quick"]),
     "preprocess_throughput": ("preprocess_throughput.py", [], ["--quick"]),
     "generation_throughput": ("generation_throughput.py", [], ["--quick"]),
     "gguf_export": ("gguf_export.py", ["--no-lazy"], ["--quick"]),

@@ -87,6 +87,25 @@ def test_train_throughput_quick(tmp_path, tiny_llama):
 
 
 @needs_claude
+def test_train_peers_quick(tmp_path):
+    out = tmp_path / "peers.json"
+    run_script("train_peers.py", "--quick", "--workdir", str(tmp_path / "work"), "--out", str(out))
+    res = json.loads(out.read_text())
+    (p,) = res["points"]
+    s = p["summary"]
+    assert set(s) >= {"sources_dynamic", "hf_seq2seq", "trl_padding_free", "kit"}
+    # every peer trained the same examples in every step (fingerprinted in the forward pass)
+    assert s["same_examples_per_step"] is True
+    assert s["kit"]["packed_attention"] == "per_example" and s["kit"]["padding_fraction"] == 0
+    runs = {r["variant"]: r for r in p["runs"]}
+    # the same loss-bearing tokens whatever the batching, and the same per-step losses (fp32)
+    assert len({r["supervised_tokens"] for r in runs.values()}) == 1
+    assert s["max_loss_diff_vs_sources_dynamic"]["kit"] < 1e-4
+    assert s["max_loss_diff_vs_sources_dynamic"]["hf_seq2seq"] < 1e-4
+    assert s["kit_over_best_peer"] == round(s["kit"]["median"] / s[s["best_peer"]]["median"], 3)
+
+
+@needs_claude
 def test_preprocess_throughput_quick(tmp_path, tiny_llama):
     out = tmp_path / "pre.json"
     run_script("preprocess_throughput.py", "--quick", "--limit", "100", "--tokenizer", str(tiny_llama),
