@@ -258,6 +258,9 @@ def test_tokenizer_path_mask_boundary(name, row, toks):
     rend = render(r.template, ROWS[row], bos=tok.bos, eos=tok.eos)
     ids, labels, n_prompt = tokenize_example(rend.prompt, rend.completion, tok, r.template, r.preprocess)
     bos = [tok.bos_id] if r.template.add_bos else []
+    if prompt_loss:  # joint + full loss: one encode of the whole text, no prompt count recorded
+        assert n_prompt is None
+        n_prompt = len(bos + tok.encode(rend.prompt))
     # the boundary: the first n_prompt ids are exactly the prompt's own tokens (joint
     # tokenization did not merge across it), and the rest are the completion's
     assert ids[:n_prompt] == bos + tok.encode(rend.prompt)
