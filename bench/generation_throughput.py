@@ -215,16 +215,11 @@ def main(argv: list[str] | None = None) -> int:
                        "shared_prefix_tokens_mean": shared_prefix(prompts),
                        "max_new_tokens": recipe.eval.max_new_tokens},
            "results": results}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"generation_throughput: wrote {a.out}")
-    if not (a.quick or a.no_readme):
-        sys.path.insert(0, str(HERE))
-        from run_all import write_readme_block
+    sys.path.insert(0, str(HERE))
+    from run_all import publish
 
-        write_readme_block("generation_throughput", "Generation throughput (bench/generation_throughput.py)",
-                           readme_text(out))
-        print("generation_throughput: table written into bench/README.md")
+    publish("generation_throughput", "Generation throughput (bench/generation_throughput.py)", out, a.out,
+            readme_text, readme=not (a.quick or a.no_readme))
     return 0
 
 

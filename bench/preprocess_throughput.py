@@ -181,7 +181,7 @@ def summarize(runs: list[dict[str, Any]], repeats: int) -> dict[str, Any]:
             "kit_over_bare": round(warm / bare, 2) if bare else None,
             "min_max_kit_warm": [round(n / max(r["cpu_s"]["kit_warm"] for r in runs), 1),
                                  round(n / min(r["cpu_s"]["kit_warm"] for r in runs), 1)],
-            "median_cold_wall_s": round(med(r["since_interpreter_start_s"] for r in runs), 3),
+            "median_cold_wall_s": round(med(r["since_interpreter_start_s"] for r in runs), 4),
             "median_imports_and_tokenizer_s": round(med(r["phases_s"]["imports"] + r["phases_s"]["recipe_and_tokenizer"]
                                                         for r in runs), 3),
             "runs": runs}
@@ -281,15 +281,11 @@ def main(argv: list[str] | None = None) -> int:
            "datasets": {n: {"recipe": DATASETS[n][0], "file": DATASETS[n][1], "skip_rows": DATASETS[n][2],
                             "tokenizer": tok_name[arch_of[n]]} for n in present},
            "results": results}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"preprocess_throughput: wrote {a.out}")
-    if not (a.quick or a.no_readme or a.limit):
-        from run_all import write_readme_block
+    sys.path.insert(0, str(HERE))
+    from run_all import publish
 
-        write_readme_block("preprocess_throughput", "Preprocess throughput (bench/preprocess_throughput.py)",
-                           readme_text(out))
-        print("preprocess_throughput: table written into bench/README.md")
+    publish("preprocess_throughput", "Preprocess throughput (bench/preprocess_throughput.py)", out, a.out,
+            readme_text, readme=not (a.quick or a.no_readme or a.limit))
     return 0
 
 

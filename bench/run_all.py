@@ -49,6 +49,19 @@ def write_readme_block(name: str, title: str, text: str) -> None:
     README.write_text(new, encoding="utf-8")
 
 
+def publish(name: str, title: str, result: dict, out: Path, text, readme: bool) -> None:
+    """Write a benchmark's raw results to `out` and, when `readme`, its table (`text(result)`)
+    into its block of bench/README.md."""
+    import json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{name}: wrote {out}")
+    if readme:
+        write_readme_block(name, title, text(result))
+        print(f"{name}: table written into bench/README.md")
+
+
 def machine_line(load_before: tuple, load_after: tuple) -> str:
     """Date-independent description of this machine for the result tables."""
     import os

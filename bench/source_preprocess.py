@@ -10,7 +10,6 @@ comparison is the way of working on the same libraries and the same tokenizer.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path

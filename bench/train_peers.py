@@ -58,7 +58,6 @@ DATASETS = {
 def collator_for(variant: str, hf_tok, pad_id: int):
     from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq
 
-    from qlora_kit.training import collate
 
     if variant == "sources_dynamic":
         inner = DataCollatorForLanguageModeling(hf_tok, mlm=False)
@@ -344,14 +343,10 @@ def main(argv: list[str] | None = None) -> int:
                         "vocab": a.vocab, "rows_per_run": a.rows_per_run, "repeats": a.repeats,
                         "lora_r": lora.r, "lora_targets": list(lora.target_modules), "torch_threads": 1},
               "points": points}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"train_peers: wrote {a.out}")
-    if not (a.quick or a.no_readme):
-        from run_all import write_readme_block
+    from run_all import publish
 
-        write_readme_block("train_peers", "Training throughput vs peers, CPU (bench/train_peers.py)", readme_text(result))
-        print("train_peers: table written into bench/README.md")
+    publish("train_peers", "Training throughput vs peers, CPU (bench/train_peers.py)", result, a.out, readme_text,
+            readme=not (a.quick or a.no_readme))
     bad = [p for p in points if not p["summary"]["same_examples_per_step"]]
     if bad:
         print(f"train_peers: FAILED: variants saw different examples per step at {len(bad)} point(s)", file=sys.stderr)

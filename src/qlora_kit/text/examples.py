@@ -182,13 +182,13 @@ def _file_name(file: str) -> str:
     return Path(file).name
 
 
-def encode_row(r: SourceRow, tok: Tok, tpl: Template, pp: Preprocess, rep: Report) -> Example | str:
-    """One usable row as an Example, or the reason it is dropped (`overlength`, `no_loss_tokens`)."""
+def encode_row(r: SourceRow, tok: Tok, tpl: Template, pp: Preprocess, rep: Report,
+               rend: Any = None) -> Example | str:
+    """One usable row as an Example, or the reason it is dropped (`overlength`, `no_loss_tokens`).
+    `rend`: the row's rendering when the caller has it already."""
     bound = char_bound(tok, pp)
     if pp.overlength == "drop" and sum(map(len, r.fields.values())) > bound:
         return "overlength"  # cannot fit: never tokenized
-    rendered = getattr(tok, "rendered", None)  # _Prepared rendered each row once already
-    rend = rendered.get(id(r)) if rendered else None
     rend = rend or render(tpl, r.fields, bos=tok.bos, eos=tok.eos)
     ids, labels, n_prompt = tokenize_example(rend.prompt[:bound], rend.completion[:bound], tok, tpl, pp)
     ids, labels, action = length_policy(ids, labels, pp)
@@ -204,13 +204,11 @@ def encode_row(r: SourceRow, tok: Tok, tpl: Template, pp: Preprocess, rep: Repor
 
 class _Prepared:
     """`tok` with the texts of many rows encoded up front in one batch call (`Tok.encode_many`);
-    `encode` answers from that table, so each row's ids are exactly `tok.encode`'s. `rendered`
-    holds each row's rendering (by the row object's id) so that encode_row does not render twice."""
+    `encode` answers from that table, so each row's ids are exactly `tok.encode`'s."""
 
-    def __init__(self, tok: Tok, texts: list[str], rendered: dict[int, Any]):
+    def __init__(self, tok: Tok, texts: list[str]):
         self._tok = tok
         self._ids = dict(zip(texts, tok.encode_many(texts)))
-        self.rendered = rendered
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._tok, name)
@@ -220,10 +218,11 @@ class _Prepared:
         return list(got) if got is not None else self._tok.encode(text)
 
 
-def _prepare(rows: list[SourceRow], tok: Tok, tpl: Template, pp: Preprocess) -> Any:
-    """Batch-encode what encode_row will ask for (only where the tokenizer has a batch path)."""
+def _prepare(rows: list[SourceRow], tok: Tok, tpl: Template, pp: Preprocess) -> tuple[Any, dict[int, Any]]:
+    """Batch-encode what encode_row will ask for (only where the tokenizer has a batch path); with
+    each row's rendering, by the row object's id, so that no row is rendered twice."""
     if getattr(tok, "batch_encoder", None) is None:
-        return tok
+        return tok, {}
     bound = char_bound(tok, pp)
     texts: list[str] = []
     rendered: dict[int, Any] = {}
@@ -231,19 +230,19 @@ def _prepare(rows: list[SourceRow], tok: Tok, tpl: Template, pp: Preprocess) -> 
         rendered[id(r)] = rend = render(tpl, r.fields, bos=tok.bos, eos=tok.eos)
         p, c = rend.prompt[:bound], rend.completion[:bound]
         texts += [p, c] if pp.tokenize == "separate" else [p, p + c] if counts_prompt(pp) else [p + c]
-    return _Prepared(tok, texts, rendered)
+    return _Prepared(tok, texts), rendered
 
 
 def build(rows: list[SourceRow], tok: Tok, tpl: Template, pp: Preprocess
           ) -> tuple[dict[str, list[Example]], Report]:
     rep = Report(rows_in=len(rows))
     good = _usable(rows, pp, rep)
-    tok = _prepare(good, tok, tpl, pp)
+    tok, rendered = _prepare(good, tok, tpl, pp)
 
     def encode_all(items: list[SourceRow]) -> list[Example]:
         out = []
         for r in items:
-            ex = encode_row(r, tok, tpl, pp, rep)
+            ex = encode_row(r, tok, tpl, pp, rep, rendered.get(id(r)))
             if isinstance(ex, str):
                 rep.dropped[ex] += 1
             else:
