@@ -294,8 +294,10 @@ class Eval(_Section):
     top_k: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0)
     num_prompts: int = Field(16, ge=0)  # held-out validation prompts to generate from
-    # HF generation: prompts per model.generate call (left-padded, sorted by length); 1 = one at a
-    # time. Greedy output does not depend on it; sampled output does (the batch shares the RNG).
+    # prompts generated together: HF, per model.generate call (left-padded, sorted by length); a
+    # greedy recipe's GGUF, as parallel sequences of one llama.cpp context (its KV cache holds
+    # this many answers); 1 = one at a time. Greedy output does not depend on it up to kernel
+    # near-ties; sampled HF output does (the batch shares the RNG).
     generation_batch_size: int = Field(8, ge=1, le=256)
     prompt_sets: tuple[PromptSet, ...] = ()  # the source's evaluation inputs, by reference
     # LLM judge (OpenAI-compatible endpoint) for prompt sets with judge komt/alpagasus. The

@@ -24,9 +24,10 @@ Writes `reports/NAME/metrics.json` (the numbers-only headline for `dvc metrics s
 `details.json` (every number and short status word), `report.md` (with the loss curve as an
 embedded PNG) and `reports/NAME/evaluate/` (generations, prompt-set answers and judgements,
 lm-eval results, plot, manifest). Torch and llama.cpp use QLORA_KIT_THREADS threads (default 1).
-HF generations run `eval.generation_batch_size` prompts at a time; each GGUF generates in the one
-llama.cpp context its loss was measured in, keeping the prompt prefix the context already holds
-(scoring/generation.py). Generation time per 100 prompts (wall and CPU, per model and prompt set)
+HF generations run `eval.generation_batch_size` prompts at a time; so do a greedy recipe's GGUF
+generations, as parallel sequences of one llama.cpp context (a sampling recipe's GGUF generates
+one prompt at a time in the context its loss was measured in, keeping the prompt prefix the
+context already holds; scoring/generation.py). Generation time per 100 prompts (wall and CPU, per model and prompt set)
 goes to the run report `reports/NAME/evaluate_run.json` under `generation`, never into the metrics.
 A judged set whose judge failed, or whose judge replies mostly did not parse (judge/live.py,
 MAX_UNPARSED), has status `failed`: the reports are still written, and the stage exits 1.
@@ -225,8 +226,8 @@ def _answer_sets(recipe: Recipe, sets: list, merged: Any, tok: Any, judge_config
 
 def _gguf_phase(recipe: Recipe, gguf_dir: Path, tok: Any, val: list, prompts: list, refs: list,
                 threads: int, gens: dict[str, list], times: dict[str, Any]) -> dict[str, Any]:
-    """Validation loss and generations of every GGUF, in one llama.cpp context per GGUF (the
-    generations reuse the prompt prefix the context already holds)."""
+    """Validation loss and generations of every GGUF (scoring/generation.gguf_generate: batched
+    sequences for a greedy recipe, else one prompt at a time in the loss's context)."""
     from qlora_kit.gguf.runtime import open_gguf
 
     out: dict[str, Any] = {}

@@ -3,8 +3,8 @@ and the README's own "Use the outputs" commands, against a server this test star
 over the tiny pipeline's GGUF (tests/support/pipeline.py: f16 only, 3 training steps).
 
 - every held-out prompt, with and without an input (a second user message), answered through
-  `chat.completions` equals the kit's own generation (scoring/generation.gguf_generate, what
-  evaluate runs), with the same prompt length, and finish_reason says whether it ended at EOS;
+  `chat.completions` equals the kit's own generation (scoring/generation.gguf_generate one prompt
+  at a time, what evaluate runs for a sampling recipe), with the same prompt length, and finish_reason says whether it ended at EOS;
   streaming and `/v1/completions` give the same text. The test model (3 training steps) ends
   every templated answer at once with EOS, so `/v1/completions` on raw text (which it continues)
   is also compared with the kit's loop, text and token count; the merged model likewise with
@@ -81,8 +81,9 @@ def own(served):
     # without the template gives the completions endpoint something to continue
     raw = [[tok.bos_id] + tok.encode(r["instruction"]) for r in rows]
     with open_gguf(root / "models/tiny/gguf/model-f16.gguf", n_ctx=2048, seed=0) as llm:
-        gens = gguf_generate(llm, tok, recipe, prompts)
-        raw_gens = gguf_generate(llm, tok, recipe, raw)
+        # one prompt at a time, as the server answers each request
+        gens = gguf_generate(llm, tok, recipe, prompts, batch_size=1)
+        raw_gens = gguf_generate(llm, tok, recipe, raw, batch_size=1)
     return rows, prompts, gens, raw_gens
 
 

@@ -155,6 +155,7 @@ def test_generation_throughput_quick(tmp_path):
     for r in res["results"].values():
         assert r["identical_outputs"] and r["ratio_wall"] > 0 and r["ratio_cpu"] > 0
         assert r["old_s_per_100"] > 0 and r["new_s_per_100"] > 0 and len(r["runs"]) == 1
+    assert res["results"]["gguf-f16"]["batch_size"] > 1 and res["results"]["gguf-f16"]["prefix_reuse"]["identical_outputs"]
 
 
 def test_run_all_rejects_unknown_names():
