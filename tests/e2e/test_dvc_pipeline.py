@@ -85,8 +85,9 @@ def test_report_shows_learning_and_eos_rates(tiny_repo):
 
 # README "DVC views": the committed baseline (reports/tiny/metrics.json) holds when a fresh run
 # is within these of it (absolute; the step count exactly). Two fresh clones on one machine
-# gave the same numbers; other CPUs may order float sums differently.
-BASELINE_TOLERANCE = {"steps": 0, "loss": 0.01, "eos": 0.05, "kl": 0.005}
+# gave the same numbers; an AVX-512 AMD EPYC CPU orders torch's float sums differently and gives
+# loss.after 3.174153 vs 3.194288 (0.020) and kl.q4_k_m 0.003392 vs 0.002107.
+BASELINE_TOLERANCE = {"steps": 0, "loss": 0.05, "eos": 0.05, "kl": 0.005}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
