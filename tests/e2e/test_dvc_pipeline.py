@@ -221,9 +221,13 @@ README_NOT_RUN = {
 }
 
 
+# the README and the page it hands the running details to
+COMMAND_PAGES = ("README.md", "docs/running.md")
+
+
 def readme_commands() -> list[str]:
-    """Each command of README.md's bash blocks: continuation lines joined, comments dropped."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    """Each command of the bash blocks of COMMAND_PAGES: continuation lines joined, comments dropped."""
+    text = "\n".join((REPO / p).read_text(encoding="utf-8") for p in COMMAND_PAGES)
     out: list[str] = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for cmd in re.sub(r"\\\n\s*", " ", block).splitlines():
