@@ -3,7 +3,10 @@
     qlora-kit fetch --recipe tiny          (dvc: fetch@tiny)
 
 - `model.source: tiny` builds the model and tokenizer from a seed (no network), trained on
-  the shipped sample text; `local` copies a folder; `hub` downloads a pinned revision.
+  the shipped sample text; `local` copies a folder; `hub` downloads a pinned revision. Before a
+  local or Hub base moves, sources/preflight.py checks that this machine can run the recipe (CUDA for a
+  large base unless `train.device: cpu`, free disk for every stage's outputs) and stops at once
+  with what to do.
 - `data.source: tiny-sample` copies the sample that ships in the package; `local` copies a
   file; `url` and `hub` download and verify (see `download.py`).
 
@@ -52,8 +55,11 @@ def fetch_model(recipe: Recipe, dest: Path, rows_for_tokenizer: list[dict[str, s
         build(m.arch, dest, sample_texts(rows_for_tokenizer), m.tiny)
         return {"source": "tiny", "arch": m.arch, "seed": m.tiny.seed}
     if m.source == "local":
+        from qlora_kit.sources import preflight
+
         src = Path(m.name)
         model_safety.check(src, m, what="model.name")  # before copying gigabytes we would refuse
+        preflight.require(recipe, sum(p.stat().st_size for p in src.rglob("*") if p.is_file()), dest)
         shutil.copytree(src, dest, dirs_exist_ok=True)
         return {"source": "local", "path": str(src)}
     from qlora_kit.sources.download import fetch_hub_model

@@ -427,8 +427,10 @@ def test_cli_url_fetch_writes_manifest_and_no_token(server, tmp_path):
 
 # --- a minimal fake Hub ----------------------------------------------------------------------
 
-def fake_hub(server, repo: str, files: dict[str, bytes], repo_type: str = "model") -> None:
-    """Serve `files` of `repo` at COMMIT (revision `main` resolves to it) like the Hub API does."""
+def fake_hub(server, repo: str, files: dict[str, bytes], repo_type: str = "model",
+             sizes: dict[str, int] | None = None) -> None:
+    """Serve `files` of `repo` at COMMIT (revision `main` resolves to it) like the Hub API does;
+    `sizes` overrides the sizes the listing reports (a 13 GB shard without 13 GB of bytes)."""
     api = f"/api/{repo_type}s/{repo}"
     res = f"/{'datasets/' if repo_type == 'dataset' else ''}{repo}/resolve/"
 
@@ -437,7 +439,8 @@ def fake_hub(server, repo: str, files: dict[str, bytes], repo_type: str = "model
              {"Content-Type": "application/json"})
 
     def tree(h):
-        listing = [{"type": "file", "path": f, "size": len(b), "oid": git_blob(b)} for f, b in files.items()]
+        listing = [{"type": "file", "path": f, "size": (sizes or {}).get(f, len(b)), "oid": git_blob(b)}
+                   for f, b in files.items()]
         send(h, 200, json.dumps(listing).encode(), {"Content-Type": "application/json"})
 
     def resolve(h):
@@ -517,6 +520,23 @@ def test_fake_hub_model_and_dataset_then_offline_from_cache(server, tmp_path):
     assert facts["model"]["resolved_commit"] == COMMIT and facts["model"]["from_cache_only"] is True
     assert facts["files"][0]["resolved_revision"] == COMMIT
     assert sum(server.hits.values()) == before
+
+
+def test_preflight_stops_a_large_hub_model_before_its_weights_move(server, tmp_path):
+    """The Hub lists a 13 GB shard; on a machine without CUDA fetch stops after the listing, in
+    one line with what to do, having downloaded no weights and written nothing."""
+    files = {"config.json": b'{"model_type": "llama"}', "tokenizer.json": b"{}", "model.safetensors": b"W" * 100}
+    fake_hub(server, "davidkim205/komt-llama2-7b-v1", files, sizes={"model.safetensors": 13 * 10**9})
+    path = recipe_file(tmp_path, {"source": "tiny-sample"}, HUB_MODEL, name="komt")
+    out, elapsed = run_fetch(tmp_path, path, HF_ENDPOINT=server.url, CUDA_VISIBLE_DEVICES="")
+    assert out.returncode == 2, out.stderr
+    line = out.stderr.strip().splitlines()[-1]
+    assert "preflight for recipe komt: device: no CUDA device" in line and "12.1 GiB" in line, line
+    assert "--set train.device=cpu" in line
+    assert not any("model.safetensors" in p for (m, p) in server.hits if "/resolve/" in p)
+    assert not (tmp_path / "kit" / "models" / "komt" / "base").exists()
+    assert not (tmp_path / "kit" / "data" / "komt" / "raw").exists()
+    assert elapsed < 60
 
 
 def test_model_selection_rules():

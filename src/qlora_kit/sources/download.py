@@ -270,9 +270,12 @@ def _place(src: Path, dst: Path) -> str:
     return "copy"
 
 
-def _resolve_model_files(repo: str, rev: str | None, m: Any, local_only: bool, what: str
+def _resolve_model_files(repo: str, rev: str | None, m: Any, local_only: bool, what: str,
+                         before_weights: Callable[[int, bool], None] | None = None
                          ) -> tuple[Path, str, dict[str, int | None], list[str]]:
-    """(snapshot folder, resolved commit, repo listing with sizes, chosen files), all in the HF cache."""
+    """(snapshot folder, resolved commit, repo listing with sizes, chosen files), all in the HF cache.
+    `before_weights(bytes of the chosen files, all of them cached already)` runs before the weights
+    are downloaded (the preflight)."""
     from huggingface_hub import get_cached_repo_tree, hf_hub_download, snapshot_download
     from huggingface_hub.errors import CachedRepoTreeNotFoundError
 
@@ -291,6 +294,8 @@ def _resolve_model_files(repo: str, rev: str | None, m: Any, local_only: bool, w
         return json.loads(Path(path).read_text(encoding="utf-8"))
 
     chosen = _select_model_files(files, read_index, m.allow_pickle, m.trust_remote_code, what)
+    if before_weights is not None:
+        before_weights(sum(files.get(n) or 0 for n in chosen), all((snap / n).is_file() for n in chosen))
     snap = Path(snapshot_download(repo, revision=commit, allow_patterns=[glob.escape(n) for n in chosen],
                                   local_files_only=local_only))
     return snap, commit, files, chosen
@@ -332,8 +337,13 @@ def fetch_hub_model(recipe: Recipe, dest: Path) -> dict[str, Any]:
         _log(f"warning: model.revision {rev!r} is a branch or tag, not a commit; the commit is recorded")
     _log(f"model: hub {repo}@{rev or 'main'} -> {dest}")
     local_only, unreachable = _hub_mode(what)
+    from qlora_kit.sources import preflight
+
+    def check(size: int, cached: bool) -> None:  # before gigabytes move: can this machine run it?
+        preflight.require(recipe, size, dest, base_present=cached)
+
     with hub_errors(what, repo, "model", rev, recipe.name, unreachable):
-        snap, commit, files, chosen = _resolve_model_files(repo, rev, m, local_only, what)
+        snap, commit, files, chosen = _resolve_model_files(repo, rev, m, local_only, what, check)
     missing = [n for n in chosen if not (snap / n).is_file()]
     if missing:
         raise OfflineError(f"{what}: the cached snapshot of {repo}@{commit} lacks {', '.join(missing)}\n"
