@@ -272,14 +272,29 @@ def shortfalls(points: list[dict[str, Any]]) -> list[str]:
     out = [f"Slower than dynamic padding: {'none' if not slower else ', '.join(_where(p) for p in slower)}."]
     if not low:
         return out + ["", "The kit is at least 1.2x the best peer at every point."]
-    parts = [f"{_where(p)}: {p['summary']['kit_over_best_peer']:.2f}x, padding share "
-             f"{p['summary']['sources_dynamic']['padding_fraction'] * 100:.0f} %, so at most "
-             f"{1 / (1 - p['summary']['sources_dynamic']['padding_fraction']):.2f}x to gain from removing it"
-             for p in low]
+    parts = []
+    for p in low:
+        sm = p["summary"]
+        part = (f"{_where(p)}: {sm['kit_over_best_peer']:.2f}x, padding share "
+                f"{sm['sources_dynamic']['padding_fraction'] * 100:.0f} %, so at most "
+                f"{1 / (1 - sm['sources_dynamic']['padding_fraction']):.2f}x to gain from removing it")
+        if sm["kit_over_best_peer"] < 1:
+            best, kit = sm[sm["best_peer"]], sm["kit"]
+            part += (f" (under {sm['best_peer']} here: the kit's runs {kit['min']:.0f}-{kit['max']:.0f}, "
+                     f"{sm['best_peer']}'s {best['min']:.0f}-{best['max']:.0f})")
+        parts.append(part)
+    # sources_dynamic and hf_seq2seq train the same padded batches: their gap is the measurement's spread
+    pairs = [(p["summary"]["sources_dynamic"]["median"], p["summary"]["hf_seq2seq"]["median"])
+             for p in low if {"sources_dynamic", "hf_seq2seq"} <= set(p["summary"])]
+    spread = max((max(a, b) / min(a, b) for a, b in pairs), default=None)
+    tail = ("" if spread is None else
+            f" At these points `sources_dynamic` and `hf_seq2seq`, which train the same padded batches, differ "
+            f"by up to {spread:.2f}x: the spread of the measurement itself, so the best of three peers is "
+            "picked partly by that noise.")
     return out + ["", "Under 1.2x the best peer: " + "; ".join(parts) + ". Packing saves the padded positions' work "
                   "(and, against trl, the block-diagonal mask); where a peer's batches hold little padding there "
                   "is little to save, and the per-step costs (optimizer, 4-bit dequantization, Python) are the "
-                  "same for every variant."]
+                  "same for every variant." + tail]
 
 
 def _where(p: dict[str, Any]) -> str:
