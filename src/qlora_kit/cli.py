@@ -120,8 +120,21 @@ def _check_inputs(stage: str, name: str, p) -> None:
                             f"`make {stage} RECIPE={name}`, which runs every stage {stage} needs)")
 
 
+def _quiet_library_noise() -> None:
+    """Library messages that ask the user for nothing they can or need to do: bitsandbytes' note
+    that the optional `kernels` package (not in the lock) is absent, so its own CPU 4-bit kernel
+    is used; transformers' deprecation of a name peft calls. Everything else still prints."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda r: not str(r.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community"))
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_library_noise()
     ap = build_parser()
     args = ap.parse_args(argv)
     try:

@@ -371,6 +371,29 @@ def _publish(reports: Path, metrics: dict[str, Any], report: str, st: Any) -> No
     write_json(reports / "metrics.json", headline(metrics))
     write_atomic(reports / "report.md", report)
     st.write_run_report(reports)
+    for line in headline_lines(headline(metrics), reports):
+        print(f"evaluate: {line}", flush=True)
+
+
+def headline_lines(h: dict[str, Any], reports: Path) -> list[str]:
+    """The stage's last words: what training did, whether every artifact ends its answers, where
+    the report is (the numbers of metrics.json)."""
+    def pct(x: Any) -> str:
+        return f"{100 * x:.0f} %" if isinstance(x, (int, float)) else "n/a"
+
+    loss, eos, kl = h.get("loss", {}), h.get("eos", {}), h.get("kl", {})
+    before, after = loss.get("before"), loss.get("after")
+    first = (f"validation loss {before:.4f} -> {after:.4f} (base -> merged)" if None not in (before, after)
+             else "validation loss: n/a")
+    if h.get("steps") is not None:
+        first += f" after {h['steps']} training steps"
+    second = f"answers ending with EOS: HF {pct(eos.get('hf'))}, lowest GGUF {pct(eos.get('gguf'))}"
+    if kl:
+        second += "; GGUF vs HF mean KL " + ", ".join(f"{q} {v:.4f}" for q, v in sorted(kl.items()))
+    judge = h.get("judge", {})
+    if judge:
+        second += "; judge " + ", ".join(f"{k} {v}" for k, v in sorted(judge.items()))
+    return [first, second, f"report: {reports / 'report.md'} (numbers: metrics.json, details.json)"]
 
 
 class EvaluationFailed(RuntimeError):

@@ -4,8 +4,9 @@
 
 Reads `models/NAME/merged` (the merge stage's folder: safetensors, tokenizer with the recipe's chat
 template) and `data/NAME/processed`; writes `models/NAME/gguf/` (`model-<type>.gguf` and an Ollama
-`model-<type>.Modelfile` for every type in `quantize.types`, plus `manifest.json`) and
-`reports/NAME/gguf_parity.json`:
+`model-<type>.Modelfile` for every type in `quantize.types`, plus `manifest.json`),
+`reports/NAME/gguf_parity.json` and the converter's own log, `reports/NAME/quantize_converter.log`
+(streamed to the terminal as well with QLORA_KIT_VERBOSE=1):
 
 1. `convert_hf_to_gguf.py --outtype f16` (llama.cpp's converter, installed from the pinned
    llama-cpp-python sdist by `make setup`; see `converter.py`) -> `model-f16.gguf`. The converter
@@ -250,8 +251,12 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
     with atomic_dir(paths.gguf) as out:
         f16 = out / "model-f16.gguf"
         # --model-name: general.name says which recipe made the file, not "merged"
-        conv = converter.convert(merged, f16, outtype="f16", model_name=recipe.name)
+        paths.reports.mkdir(parents=True, exist_ok=True)
+        log = paths.reports / "quantize_converter.log"
+        conv = converter.convert(merged, f16, outtype="f16", model_name=recipe.name, log=log)
         st.volatile["convert_seconds"] = conv.pop("seconds", None)
+        print(f"quantize: llama.cpp converter: {conv['tensors']} tensors to f16 in "
+              f"{st.volatile['convert_seconds']:.1f} s (its log: {log})", flush=True)
         st.facts["convert"] = conv
         # the converter shims (converter.py) that fired for this model, by name
         st.facts["shims"] = {k: conv[k] for k in ("hparams_patches", "pre_tokenizer_registration") if k in conv}

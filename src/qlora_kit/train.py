@@ -44,8 +44,8 @@ from typing import Any
 from qlora_kit.config import Recipe
 from qlora_kit.training.attention import packed_collator, use_packed_attention
 from qlora_kit.training.collate import Collator, check_padding_free
-from qlora_kit.training.checkpoints import (csv_logger, log_last_step, mean_logged_loss, resume_point, run_key,
-                                            write_logs)
+from qlora_kit.training.checkpoints import (csv_logger, log_last_step, mean_logged_loss, progress_line, resume_point,
+                                            run_key, write_logs)
 from qlora_kit.training.launch import relaunch, fsdp_enabled, rank_batch
 
 
@@ -350,7 +350,10 @@ def run(recipe: Recipe, overrides: dict[str, Any] | None = None) -> dict[str, An
     trainer = Trainer(model=model, args=training_args(recipe, ckpt_dir, derived, dist, bool(val_rows)),
                       train_dataset=train_rows, eval_dataset=val_rows or None,
                       data_collator=collator,
-                      callbacks=[log_last_step()] + ([logger] if logger else []))
+                      callbacks=[log_last_step()] + ([logger, progress_line()] if logger else []))
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # its raw dicts: progress_line says the same in one line
     st.lap("load")
     trainer.train(resume_from_checkpoint=last)
     st.lap("train")

@@ -24,10 +24,12 @@ run's report (and so in the quantize manifest): the GPT-NeoX `rotary_pct` hparam
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -248,8 +250,15 @@ def child_env(d: Path) -> dict[str, str]:
     return env
 
 
-def convert(model_dir: Path, outfile: Path, outtype: str = "f16", model_name: str | None = None) -> dict[str, Any]:
-    """Run llama.cpp's converter on a local HF folder; return what the run reported (shims used)."""
+# the converter's line for each tensor it writes: "INFO:hf-to-gguf:blk.0.attn_q.weight, torch.float32 --> F16, ..."
+TENSOR_LINE = re.compile(r"INFO:hf-to-gguf:\S+,\s+torch\.\w+ --> ")
+
+
+def convert(model_dir: Path, outfile: Path, outtype: str = "f16", model_name: str | None = None,
+            log: Path | None = None) -> dict[str, Any]:
+    """Run llama.cpp's converter on a local HF folder; return what the run reported (shims used)
+    and `tensors` (how many it wrote). Its log (a line per tensor) goes to `log` when given, else
+    to stderr; QLORA_KIT_VERBOSE=1 streams it to stderr as well. A failure carries its last lines."""
     d = locate()
     with tempfile.TemporaryDirectory(prefix="qlora-kit-convert-") as tmp:
         report = Path(tmp) / "report.json"
@@ -259,18 +268,31 @@ def convert(model_dir: Path, outfile: Path, outtype: str = "f16", model_name: st
             cmd += ["--model-name", model_name]
         t0 = time.perf_counter()
         tail: deque[str] = deque(maxlen=40)
+        echo = log is None or os.environ.get("QLORA_KIT_VERBOSE") == "1"
+        tensors, last_note = 0, t0
         # streamed, not captured: converting a 13B model takes many minutes and logs each tensor
-        with subprocess.Popen(cmd, env=child_env(d), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, encoding="utf-8", errors="replace", preexec_fn=_die_with_parent) as proc:
+        with contextlib.ExitStack() as stack:
+            sink = stack.enter_context(open(log, "w", encoding="utf-8")) if log is not None else None
+            proc = stack.enter_context(subprocess.Popen(
+                cmd, env=child_env(d), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                encoding="utf-8", errors="replace", preexec_fn=_die_with_parent))
             for line in proc.stdout:  # type: ignore[union-attr]
-                sys.stderr.write(line)
+                if echo:
+                    sys.stderr.write(line)
+                if sink is not None:
+                    sink.write(line)
                 tail.append(line.rstrip("\n"))
+                tensors += bool(TENSOR_LINE.match(line))
+                if not echo and time.perf_counter() - last_note > 30:  # a long conversion shows it is alive
+                    last_note = time.perf_counter()
+                    print(f"quantize: converting to {outtype}: {tensors} tensors so far, "
+                          f"{last_note - t0:.0f} s", file=sys.stderr, flush=True)
         seconds = round(time.perf_counter() - t0, 3)
         if proc.returncode != 0 or not outfile.is_file():
             raise ConverterError(f"llama.cpp converter failed on {model_dir} (exit {proc.returncode}):\n"
                                  + "\n".join(tail))
         facts = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else {}
-    facts.update(outtype=outtype, seconds=seconds)
+    facts.update(outtype=outtype, seconds=seconds, tensors=tensors)
     return facts
 
 

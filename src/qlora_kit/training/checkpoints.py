@@ -121,6 +121,48 @@ def csv_logger(path: Path, eval_path: Path | None = None):
     return CsvLog()
 
 
+def _clock(seconds: float) -> str:
+    m, sec = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+def progress_line(out=None):
+    """One line per logged step instead of the Trainer's raw dicts: `train: step i/N (p %)  loss
+    L  lr R  T tok/s  elapsed E  ETA S` (the ETA from this run's own pace, so a resumed run is not
+    credited with the steps it skipped), and `train: step i/N  eval_loss L` for evaluations."""
+    import sys
+    import time
+
+    from transformers import TrainerCallback
+
+    class ProgressLine(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0, self.step0 = time.perf_counter(), state.global_step
+            self.tokens0 = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs, n = logs or {}, state.max_steps
+            at = f"train: step {state.global_step}/{n}"
+            if "eval_loss" in logs:
+                print(f"{at}  eval_loss {logs['eval_loss']:.4f}", file=out or sys.stdout, flush=True)
+            if "loss" not in logs:
+                return
+            spent, done = time.perf_counter() - self.t0, state.global_step - self.step0
+            seen = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+            parts = [f"{at} ({100 * state.global_step // max(n, 1)} %)", f"loss {logs['loss']:.4f}"]
+            if "learning_rate" in logs:
+                parts.append(f"lr {logs['learning_rate']:.3g}")
+            if seen > self.tokens0 and spent > 0:
+                parts.append(f"{(seen - self.tokens0) / spent:,.0f} tok/s")
+            parts.append(f"elapsed {_clock(spent)}")
+            if done > 0 and n > state.global_step:
+                parts.append(f"ETA {_clock(spent / done * (n - state.global_step))}")
+            print("  ".join(parts), file=out or sys.stdout, flush=True)
+
+    return ProgressLine()
+
+
 def log_last_step():
     """Log the last step too (logging_steps need not divide the run), so the logs cover every
     step. On every rank: logging gathers the loss across processes."""
