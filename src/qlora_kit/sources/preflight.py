@@ -10,9 +10,11 @@ once and what to do (exit 2):
   train anywhere.
 - disk: free space at the kit root for what the recipe's stages write, estimated from the base
   model's size B: the download itself (unless it is already there), the merged model (B: the
-  same dtype), the f16 GGUF (B) and each quantized GGUF (QUANT_SHARE x B), plus MARGIN.
+  same dtype), the f16 GGUF (B) and each quantized GGUF (QUANT_SHARE x B), plus MARGIN_BYTES.
+  A Hub download lands in the Hugging Face cache and is hard-linked into the kit root, so one
+  disk holds it once; a cache on another disk needs room for B there as well (not checked).
 
-`qlora_kit.preflight.check(...)` returns the problems; `require(...)` raises PreflightError.
+`check(...)` returns the problems; `require(...)` raises PreflightError.
 """
 from __future__ import annotations
 
