@@ -199,6 +199,8 @@ class Merge(_Section):
     parity_rows: int = Field(8, ge=1)
     max_rel_error: float = Field(0.02, gt=0)  # stage fails above this (merged vs base+adapter logits)
     license: str = ""  # model card `license:` (e.g. llama2, apache-2.0); empty -> "other"
+    # model cards' `language:` (ISO 639-1 codes of the training data's languages, e.g. [ko, en])
+    language: tuple[str, ...] = ()
 
 
 # Per-GGUF-type gates of the quantize stage (next-token distributions of the GGUF vs the merged HF

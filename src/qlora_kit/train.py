@@ -277,6 +277,11 @@ def save_adapter(trainer, model, ckpt_dir: Path, paths, rank: int, st) -> None:
         else:  # DDP / one process: rank 0's model holds the whole (replicated) adapter
             model.save_pretrained(str(tmp))
         normalize_adapter(tmp, paths.base, st.recipe.model.name)
+        from qlora_kit.weights.model_card import adapter_card
+
+        # peft's README is a template of "[More Information Needed]" lines: the kit's card instead
+        lora = json.loads((tmp / "adapter_config.json").read_text(encoding="utf-8"))
+        (tmp / "README.md").write_text(adapter_card(st.recipe, lora, st.facts), encoding="utf-8")
         st.facts["files"] = hash_tree(tmp, full=True)  # merge checks the adapter against these before reading it
         write_json(tmp / "manifest.json", st.manifest())
 

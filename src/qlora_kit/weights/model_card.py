@@ -1,4 +1,8 @@
-"""The merged model's card (README.md with Hugging Face metadata)."""
+"""The model cards (README.md with Hugging Face metadata): the merged model's (merge stage) and
+the adapter's (train stage). Each is built only from what its stage reads, so DVC reruns the
+stage whenever a value on its card changes: the adapter's card from the model, qlora, lora,
+train and quirks sections and the run's own facts; the merged card adds the source, the data,
+`merge.license` and `merge.language`."""
 from __future__ import annotations
 
 import json
@@ -18,6 +22,8 @@ def _front_matter(recipe: Recipe) -> list[str]:
     tags = ["qlora-kit", "qlora", "lora", "merged", m.arch.replace("_", "-"), recipe.name]
     front = ["---", f"base_model: {_yaml_scalar(m.name)}", "datasets:" + ("" if datasets else " []")]
     front += [f"- {_yaml_scalar(x)}" for x in datasets]
+    if recipe.merge.language:
+        front += ["language:"] + [f"- {_yaml_scalar(x)}" for x in recipe.merge.language]
     front += [f"license: {_yaml_scalar(recipe.merge.license or 'other')}", "library_name: transformers",
               "pipeline_tag: text-generation", "tags:"] + [f"- {_yaml_scalar(t)}" for t in tags] + ["---", ""]
     return front
@@ -114,3 +120,39 @@ def model_card(recipe: Recipe, ids: dict[str, Any], parity: dict[str, Any], adap
     L = _provenance(recipe, parity, adapter, base_facts, train_facts)
     L += _prompt_format(recipe, ids) + _quirks_section(recipe)
     return "\n".join(_front_matter(recipe) + L)
+
+
+def adapter_card(recipe: Recipe, lora: dict[str, Any], train_facts: dict[str, Any]) -> str:
+    """models/NAME/adapter/README.md, in place of peft's template: Hub metadata for a peft adapter
+    (base_model as the recipe names it, library_name peft), what was trained, the quirks in force,
+    and how to load it. `lora` is the adapter_config.json the stage wrote."""
+    m, q = recipe.model, recipe.qlora
+    tags = ["qlora-kit", "qlora", "lora", m.arch.replace("_", "-"), recipe.name, f"base_model:adapter:{m.name}"]
+    front = ["---", f"base_model: {_yaml_scalar(m.name)}", "library_name: peft", "pipeline_tag: text-generation",
+             "tags:"] + [f"- {_yaml_scalar(t)}" for t in tags] + ["---", ""]
+    t = lora.get("target_modules") or []
+    targets = ", ".join(sorted({x.rsplit(".", 1)[-1] for x in t})) if isinstance(t, list) else str(t)
+    derived, final = train_facts.get("derived") or {}, train_facts.get("final") or {}
+    loss = final.get("train_loss")
+    rev = m.revision or ("built from seed " f"{m.tiny.seed}" if m.source == "tiny" else "revision not pinned")
+    L = [f"# {recipe.name} (QLoRA adapter)", "",
+         f"The LoRA adapter qlora-kit's train stage wrote for the recipe `{recipe.name}` (`recipes/{recipe.name}.yaml`). "
+         f"The merged model, with the full card (source reproduced, data, licence, prompt format, parity), is "
+         f"`models/{recipe.name}/merged`; the GGUFs are in `models/{recipe.name}/gguf`.", "",
+         "## Training", "",
+         f"- Base model: `{m.name}` ({rev})",
+         f"- Quantization during training: {q.bits}-bit" + (f" {q.quant_type}, double quant {q.double_quant}, "
+                                                             f"compute {q.compute_dtype}" if q.bits == 4 else ""),
+         f"- LoRA: r={lora.get('r')}, alpha={lora.get('lora_alpha')}, dropout {lora.get('lora_dropout')}, "
+         f"bias {lora.get('bias', 'none')}, on {targets}",
+         f"- Steps: {final.get('global_step', derived.get('total_steps'))} optimizer steps, effective batch "
+         f"{derived.get('effective_batch')}, mean train loss {'n/a' if loss is None else round(loss, 4)}", "",
+         "## Use", "",
+         "```python",
+         "from peft import PeftModel",
+         "from transformers import AutoModelForCausalLM",
+         "",
+         f'base = AutoModelForCausalLM.from_pretrained("{m.name}")  # the base this adapter was trained on',
+         f'model = PeftModel.from_pretrained(base, "models/{recipe.name}/adapter")',
+         "```", ""]
+    return "\n".join(front + L + _quirks_section(recipe))
