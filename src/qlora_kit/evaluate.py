@@ -21,9 +21,9 @@ Against the source (the reproduction report):
   source's own training curve (`eval.reference_curve`) under ours, and an environment
   fingerprint (every installed package, platform, device).
 Writes `reports/NAME/metrics.json` (the numbers-only headline for `dvc metrics show/diff`),
-`details.json` (every number and short status word), `report.md` (with the loss curve as an
-embedded PNG) and `reports/NAME/evaluate/` (generations, prompt-set answers and judgements,
-lm-eval results, plot, manifest). Torch and llama.cpp use QLORA_KIT_THREADS threads (default 1).
+`details.json` (every number and short status word), `report.md` (linking the loss curve, a PNG
+file in `evaluate/`) and `reports/NAME/evaluate/` (generations, prompt-set answers and judgements,
+lm-eval results, loss_curve.png, manifest). Torch and llama.cpp use QLORA_KIT_THREADS threads (default 1).
 HF generations run `eval.generation_batch_size` prompts at a time; so do a greedy recipe's GGUF
 generations, as parallel sequences of one llama.cpp context (a sampling recipe's GGUF generates
 one prompt at a time in the context its loss was measured in, keeping the prompt prefix the

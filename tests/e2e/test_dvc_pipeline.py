@@ -80,7 +80,8 @@ def test_report_shows_learning_and_eos_rates(tiny_repo):
     for q in d["gguf"].values():
         assert "eos_rate" in q and q["val_loss"] < d["val_loss_before"]
     report = (tiny_repo / "reports/tiny/report.md").read_text()
-    assert "EOS before max_new_tokens" in report and "data:image/png;base64," in report
+    assert "EOS before max_new_tokens" in report and "![loss curve](evaluate/loss_curve.png)" in report
+    assert (tiny_repo / "reports/tiny/evaluate/loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # README "DVC views": the committed baseline (reports/tiny/metrics.json) holds when a fresh run

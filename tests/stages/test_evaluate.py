@@ -287,7 +287,7 @@ def test_dvc_metrics_show_and_diff_across_two_runs(tmp_path_factory, monkeypatch
                         "eos": {"hf": second["hf"]["eos_rate"], "gguf": second["gguf"]["f16"]["eos_rate"]},
                         "kl": {"f16": round(second["gguf"]["f16"]["parity_mean_kl"], 6)}}
     report = (root / "reports/tiny/report.md").read_text()
-    for text in ("EOS before max_new_tokens", "data:image/png;base64,", "## Source reported vs reproduced",
+    for text in ("EOS before max_new_tokens", "![loss curve](evaluate/loss_curve.png)", "## Source reported vs reproduced",
                  "judge: off: the recipe has no judged prompt sets", "Status: off: the recipe lists no benchmarks",
                  "GGUF parity (quantize stage", "| f16 |", "## Environment", "Fingerprint `"):
         assert text in report, text

@@ -1,7 +1,6 @@
 """report.md for the evaluate stage: sections, tables, the loss plot."""
 from __future__ import annotations
 
-import base64
 import csv
 import json
 from pathlib import Path
@@ -311,8 +310,8 @@ def _training_section(recipe: Recipe, train: dict[str, Any], png: Path | None, r
     elif reference_note:
         L += [f"Source training curve: {reference_note}", ""]
     if png is not None:
-        b64 = base64.b64encode(png.read_bytes()).decode()
-        L += ["![loss curve](data:image/png;base64," + b64 + ")", ""]
+        # a PNG file beside the report, linked (GitHub and most viewers show no inline base64 image)
+        L += [f"![loss curve](evaluate/{png.name})", ""]
     return L
 
 
