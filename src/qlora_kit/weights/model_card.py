@@ -29,13 +29,27 @@ def _front_matter(recipe: Recipe) -> list[str]:
     return front
 
 
+def _training_lines(recipe: Recipe, lora: dict[str, Any], train_facts: dict[str, Any]) -> list[str]:
+    """Quantization during training, the LoRA config (adapter_config.json) and the run's steps."""
+    q, t = recipe.qlora, lora.get("target_modules") or []
+    # peft stores `all-linear` expanded to full module paths: name the module kinds
+    targets = ", ".join(sorted({x.rsplit(".", 1)[-1] for x in t})) if isinstance(t, list) else str(t)
+    L = [f"- Quantization during training: {q.bits}-bit"
+         + (f" {q.quant_type}, double quant {q.double_quant}, compute {q.compute_dtype}" if q.bits == 4 else ""),
+         f"- LoRA: r={lora['r']}, alpha={lora['lora_alpha']}, dropout {lora.get('lora_dropout')}, bias "
+         f"{lora.get('bias', 'none')}, on {targets}"]
+    derived, final = train_facts.get("derived") or {}, train_facts.get("final") or {}
+    if derived:
+        loss = final.get("train_loss")
+        L.append(f"- Training: {final.get('global_step', derived.get('total_steps'))} optimizer steps, effective "
+                 f"batch {derived.get('effective_batch')}, mean train loss {loss if loss is None else round(loss, 4)}")
+    return L
+
+
 def _provenance(recipe: Recipe, parity: dict[str, Any], adapter: Adapter, base_facts: dict[str, Any],
                 train_facts: dict[str, Any]) -> list[str]:
     """Where the weights came from: source, base, data, training, merge and its parity check."""
     m, d, src = recipe.model, recipe.data, recipe.source
-    t = adapter.config.get("target_modules") or []
-    # peft stores `all-linear` expanded to full module paths: name the module kinds
-    targets = ", ".join(sorted({x.rsplit(".", 1)[-1] for x in t})) if isinstance(t, list) else str(t)
     model_rev = base_facts.get("resolved_commit") or m.revision or ("built from seed "
                                                                     f"{m.tiny.seed}" if m.source == "tiny" else "")
     if d.source == "url":
@@ -52,18 +66,7 @@ def _provenance(recipe: Recipe, parity: dict[str, Any], adapter: Adapter, base_f
          *([f"- Source files: {', '.join('`' + f + '`' for f in src.files)}"] if src.files else []),
          f"- Base model: `{m.name}` ({model_rev or 'revision not pinned'})",
          f"- Data: {data_line}",
-         f"- Quantization during training: {recipe.qlora.bits}-bit"
-         + (f" {recipe.qlora.quant_type}, double quant {recipe.qlora.double_quant}, compute "
-            f"{recipe.qlora.compute_dtype}" if recipe.qlora.bits == 4 else ""),
-         f"- LoRA: r={adapter.config['r']}, alpha={adapter.config['lora_alpha']}, dropout "
-         f"{adapter.config.get('lora_dropout')}, bias {adapter.config.get('bias', 'none')}, on {targets}",
-         ]
-    derived = train_facts.get("derived") or {}
-    final = train_facts.get("final") or {}
-    if derived:
-        L.append(f"- Training: {final.get('global_step', derived.get('total_steps'))} optimizer steps, effective "
-                 f"batch {derived.get('effective_batch')}, mean train loss "
-                 f"{final.get('train_loss') if final.get('train_loss') is None else round(final['train_loss'], 4)}")
+         *_training_lines(recipe, adapter.config, train_facts)]
     logits = parity.get("logits") or {}
     L += [f"- Merge: `{recipe.merge.method}` into the `{recipe.merge.base}` base weights, saved as "
           f"{recipe.merge.dtype}",
@@ -126,14 +129,10 @@ def adapter_card(recipe: Recipe, lora: dict[str, Any], train_facts: dict[str, An
     """models/NAME/adapter/README.md, in place of peft's template: Hub metadata for a peft adapter
     (base_model as the recipe names it, library_name peft), what was trained, the quirks in force,
     and how to load it. `lora` is the adapter_config.json the stage wrote."""
-    m, q = recipe.model, recipe.qlora
+    m = recipe.model
     tags = ["qlora-kit", "qlora", "lora", m.arch.replace("_", "-"), recipe.name, f"base_model:adapter:{m.name}"]
     front = ["---", f"base_model: {_yaml_scalar(m.name)}", "library_name: peft", "pipeline_tag: text-generation",
              "tags:"] + [f"- {_yaml_scalar(t)}" for t in tags] + ["---", ""]
-    t = lora.get("target_modules") or []
-    targets = ", ".join(sorted({x.rsplit(".", 1)[-1] for x in t})) if isinstance(t, list) else str(t)
-    derived, final = train_facts.get("derived") or {}, train_facts.get("final") or {}
-    loss = final.get("train_loss")
     rev = m.revision or ("built from seed " f"{m.tiny.seed}" if m.source == "tiny" else "revision not pinned")
     L = [f"# {recipe.name} (QLoRA adapter)", "",
          f"The LoRA adapter qlora-kit's train stage wrote for the recipe `{recipe.name}` (`recipes/{recipe.name}.yaml`). "
@@ -141,12 +140,7 @@ def adapter_card(recipe: Recipe, lora: dict[str, Any], train_facts: dict[str, An
          f"`models/{recipe.name}/merged`; the GGUFs are in `models/{recipe.name}/gguf`.", "",
          "## Training", "",
          f"- Base model: `{m.name}` ({rev})",
-         f"- Quantization during training: {q.bits}-bit" + (f" {q.quant_type}, double quant {q.double_quant}, "
-                                                             f"compute {q.compute_dtype}" if q.bits == 4 else ""),
-         f"- LoRA: r={lora.get('r')}, alpha={lora.get('lora_alpha')}, dropout {lora.get('lora_dropout')}, "
-         f"bias {lora.get('bias', 'none')}, on {targets}",
-         f"- Steps: {final.get('global_step', derived.get('total_steps'))} optimizer steps, effective batch "
-         f"{derived.get('effective_batch')}, mean train loss {'n/a' if loss is None else round(loss, 4)}", "",
+         *_training_lines(recipe, lora, train_facts), "",
          "## Use", "",
          "```python",
          "from peft import PeftModel",
