@@ -171,6 +171,7 @@ def _gguf_batched(llm, tok, recipe: Recipe, prompts: list[list[int]], slots: int
     e = recipe.eval
     slots = min(slots, len(prompts), llama_cpp.llama_max_parallel_sequences() - 1)
     eos = {t for t in (tok.eos_id, llm.token_eos()) if t is not None and t >= 0}
+    n_vocab = llm.n_vocab()
     # every prompt keeps at least its last token to decode (its logits pick the first new token)
     shared = min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1)
     prefix_seq = slots  # the sequence holding the shared prefix
@@ -225,7 +226,7 @@ def _gguf_batched(llm, tok, recipe: Recipe, prompts: list[list[int]], slots: int
             decode(f"{len(rows)} sequences")
             for s, idx in rows:
                 st = running[s]
-                t = _greedy(llama_cpp.llama_get_logits_ith(ctx, idx), llm.n_vocab(), st["new"], e.repetition_penalty)
+                t = _greedy(llama_cpp.llama_get_logits_ith(ctx, idx), n_vocab, st["new"], e.repetition_penalty)
                 ended = t in eos
                 if not ended:
                     st["new"].append(t)
