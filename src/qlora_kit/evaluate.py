@@ -367,11 +367,12 @@ def _publish(reports: Path, metrics: dict[str, Any], report: str, st: Any) -> No
     """details.json, the metrics.json headline, report.md and the run report, in that order."""
     from qlora_kit.artifacts import write_atomic, write_json
 
+    head = headline(metrics)
     write_json(reports / "details.json", for_dvc(metrics))
-    write_json(reports / "metrics.json", headline(metrics))
+    write_json(reports / "metrics.json", head)
     write_atomic(reports / "report.md", report)
     st.write_run_report(reports)
-    for line in headline_lines(headline(metrics), reports):
+    for line in headline_lines(head, reports):
         print(f"evaluate: {line}", flush=True)
 
 

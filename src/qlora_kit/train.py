@@ -235,7 +235,8 @@ def training_args(recipe: Recipe, ckpt_dir: Path, derived: dict[str, Any], dist:
 def normalize_adapter(folder: Path, base: Path, model_name: str) -> None:
     """Same run, same bytes. peft writes `target_modules` in set order ("all-linear" resolves to a
     set), which changes from process to process: sorted, with sorted keys. It also names the base
-    by this checkout's folder (adapter_config.json, README.md): named by the recipe's model instead.
+    by this checkout's folder in adapter_config.json: named by the recipe's model instead (peft's
+    README.md is replaced by the kit's card, weights/model_card.adapter_card).
     (Set before training, the name would send peft to the Hub for a config at each checkpoint.)"""
     from qlora_kit.artifacts import write_atomic
 
@@ -247,9 +248,6 @@ def normalize_adapter(folder: Path, base: Path, model_name: str) -> None:
     if cfg.get("base_model_name_or_path") == str(base):
         cfg["base_model_name_or_path"] = model_name
     write_atomic(path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    card = folder / "README.md"
-    if card.is_file():
-        write_atomic(card, card.read_text(encoding="utf-8").replace(str(base), model_name))
 
 
 def save_adapter(trainer, model, ckpt_dir: Path, paths, rank: int, st) -> None:
